@@ -1,0 +1,98 @@
+"""Adapter ingestion: detect the kind and format of a user's adapter file and read it into one of the kinds below.
+
+Each kind lives in its own module and offers validate(model), merge_into(model) and describe().
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import VlexportError
+from .bitfit import BitFitAdapter, read_bitfit_dump, read_peft_beft
+from .lora import LoraAdapter, read_llava_repo_lora, read_peft_lora
+
+Adapter = LoraAdapter | BitFitAdapter
+KINDS = ("lora", "bitfit")
+_NOT_YET = {
+    "PREFIX_TUNING": "prefix tuning",
+    "PROMPT_TUNING": "prompt tuning",
+    "P_TUNING": "p-tuning",
+    "IA3": "IA3",
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+}
+
+
+def _peft_type(folder: Path) -> str | None:
+    cfg = folder / "adapter_config.json"
+    if not cfg.exists():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise VlexportError(f"'{cfg}' is not valid JSON ({e})") from None
+    if "peft_type" in data:
+        return str(data["peft_type"]).upper()
+    if isinstance(data.get("config"), dict):
+        return "ADAPTERHUB"
+    return None
+
+
+def detect_kind(path: Path) -> str:
+    """'lora' or 'bitfit', from the config and the keys."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    peft_type = _peft_type(folder)
+    if peft_type == "LORA":
+        return "lora"
+    if peft_type == "BEFT":
+        return "bitfit"
+    if peft_type == "ADAPTERHUB":
+        raise VlexportError(
+            f"'{path}' is an AdapterHub adapter (bottleneck or prefix); this vlexport version merges LoRA and "
+            "BitFit only: swappable bottleneck/prefix adapters are not supported yet"
+        )
+    if peft_type is not None:
+        what = _NOT_YET.get(peft_type, peft_type)
+        raise VlexportError(f"'{path}' is a PEFT {what} adapter; this vlexport version supports LoRA and BitFit/BEFT only")
+    if path.is_dir():
+        raise VlexportError(f"adapter directory '{path}' has no adapter_config.json; pass the weights file instead")
+    from .io import read_tensors
+
+    keys = list(read_tensors(path))
+    if keys and all(k.endswith(".bias") for k in keys):
+        return "bitfit"
+    if any("lora_" in k for k in keys):
+        return "lora"
+    raise VlexportError(
+        f"cannot tell what kind of adapter '{path}' is (no adapter_config.json, keys like '{keys[0] if keys else ''}'); "
+        f"pass --adapter-kind ({'|'.join(KINDS)})"
+    )
+
+
+def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
+    path = Path(path)
+    if not path.exists():
+        raise VlexportError(f"adapter '{path}' does not exist")
+    if kind is not None and kind not in KINDS:
+        raise VlexportError(f"unknown --adapter-kind '{kind}': choose one of {', '.join(KINDS)}")
+    kind = kind or detect_kind(path)
+    folder = path if path.is_dir() else path.parent
+    if kind == "lora":
+        if path.is_dir() and (path / "non_lora_trainables.bin").exists():
+            return read_llava_repo_lora(path)
+        return read_peft_lora(path)
+    if _peft_type(folder) == "BEFT":
+        return read_peft_beft(path)
+    if path.is_dir():
+        raise VlexportError(f"BitFit adapter '{path}' is a directory without a BEFT adapter_config.json; pass the bias file")
+    return read_bitfit_dump(path)
+
+
+def merge_adapters(model, adapters: list[Adapter]) -> None:
+    """Validate every adapter against the model, then merge them in the order given (fp32)."""
+    for adapter in adapters:
+        adapter.validate(model)
+    for adapter in adapters:
+        adapter.merge_into(model)

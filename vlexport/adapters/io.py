@@ -1,0 +1,71 @@
+"""Reading adapter tensors safely: safetensors, or pickles only with weights_only=True."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import VlexportError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_tensors(path: Path) -> dict:
+    """All tensors of a .safetensors or .bin/.pt file, as fp32-or-original torch tensors."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise VlexportError(f"adapter file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise VlexportError(
+                f"adapter file '{path}' is not a readable safetensors file ({e}); it may be truncated: "
+                "copy or download it again"
+            ) from None
+    if path.suffix in (".bin", ".pt", ".pth"):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+            raise VlexportError(
+                f"adapter file '{path}' could not be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); vlexport loads only plain tensor state dicts: "
+                "re-save it with safetensors"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise VlexportError(f"adapter file '{path}' is not a flat dict of tensors")
+        return dict(state)
+    raise VlexportError(f"adapter file '{path}' has an unknown extension: expected .safetensors, .bin or .pt")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise VlexportError(f"'{path}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise VlexportError(f"'{path}' is not valid JSON ({e})") from None
+
+
+def check_finite(tensors: dict, source: Path) -> None:
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise VlexportError(
+                f"adapter '{source}': tensor '{key}' has {n_bad} NaN/Inf values; the adapter is corrupt or "
+                "training diverged: use a checkpoint from before the divergence"
+            )

@@ -1,0 +1,342 @@
+"""LoRA (incl. DoRA, rsLoRA, patterns, lora_bias, modules_to_save, trainable tokens): read and merge.
+
+Merging follows PEFT's math (../shared/notes/adapter-formats.md), in fp32, driven by the keys present in the file,
+not by target_modules.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VlexportError
+from .io import check_finite, read_json, read_tensors, sha256_file
+from .keymap import PEFT_PREFIX, normalize_key
+
+# LoraConfig options whose non-default values we merge exactly.
+SUPPORTED_OPTIONS = {
+    "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "bias",
+    "modules_to_save", "trainable_token_indices", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "lora_dropout", "init_lora_weights", "peft_type", "peft_version", "task_type",
+    "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "fan_in_fan_out",
+    "ensure_weight_tying", "megatron_core",
+}
+# init_lora_weights values that mutate the base weights during training (the base must be converted first).
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+@dataclass
+class LoraModule:
+    module: str  # transformers 5 module name
+    layer: str  # "linear" | "embedding" | "conv"
+    A: object
+    B: object
+    scaling: float
+    magnitude: object = None  # DoRA
+    bias: object = None  # lora_B.bias (lora_bias=True)
+
+
+@dataclass
+class LoraAdapter:
+    path: Path
+    weights_file: Path
+    format: str  # "peft" | "llava-repo"
+    config: dict
+    modules: list[LoraModule] = field(default_factory=list)
+    replacements: dict = field(default_factory=dict)  # param name -> absolute value
+    token_rows: dict = field(default_factory=dict)  # embedding param -> (indices, rows)
+    source_keys: dict = field(default_factory=dict)  # normalized name -> key in the file, for messages
+    kind: str = "lora"
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.weights_file)
+
+    def describe(self) -> dict:
+        parts = sorted({_part(m.module) for m in self.modules} | {_part(k) for k in self.replacements})
+        return {
+            "kind": self.kind,
+            "format": self.format,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "modules": len(self.modules),
+            "replaced_tensors": sorted(self.replacements),
+            "trainable_tokens": {k: len(v[0]) for k, v in self.token_rows.items()},
+            "dora": any(m.magnitude is not None for m in self.modules),
+            "rslora": bool(self.config.get("use_rslora")),
+            "ranks": sorted({int(m.A.shape[0]) for m in self.modules}),
+            "parts": parts,
+            "merged": True,
+        }
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def validate(self, model) -> None:
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        for m in self.modules:
+            mod = modules.get(m.module)
+            if mod is None:
+                raise _unmapped(self, self.source_keys.get(m.module, m.module))
+            weight = mod.weight
+            if m.layer == "linear":
+                want_a, want_b = (m.A.shape[0], weight.shape[1]), (weight.shape[0], m.B.shape[1])
+            elif m.layer == "embedding":
+                want_a, want_b = (m.A.shape[0], weight.shape[0]), (weight.shape[1], m.A.shape[0])
+            else:
+                want_a = (m.A.shape[0], weight.shape[1], *weight.shape[2:])
+                want_b = (weight.shape[0], m.A.shape[0], 1, 1)
+            for name, t, want in (("lora_A", m.A, want_a), ("lora_B", m.B, want_b)):
+                if tuple(t.shape) != tuple(want):
+                    raise _shape_error(self, f"{self.source_keys.get(m.module, m.module)} {name}", t.shape, want)
+            if m.magnitude is not None and m.magnitude.numel() != (weight.shape[1] if m.layer == "embedding" else weight.shape[0]):
+                raise _shape_error(self, f"{m.module}.lora_magnitude_vector", m.magnitude.shape, (weight.shape[0],))
+        for name, t in self.replacements.items():
+            if name not in params:
+                raise _unmapped(self, self.source_keys.get(name, name))
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise _shape_error(self, self.source_keys.get(name, name), t.shape, params[name].shape)
+        for name, (idx, rows) in self.token_rows.items():
+            if name not in params:
+                raise _unmapped(self, name)
+            p = params[name]
+            if rows.shape[1] != p.shape[1] or max(idx) >= p.shape[0] or len(idx) != rows.shape[0]:
+                raise _shape_error(self, f"{name} trainable tokens", rows.shape, (len(idx), p.shape[1]))
+
+    # -- merge --------------------------------------------------------------------------------------------------
+    def merge_into(self, model) -> None:
+        """Fold the adapter into `model`'s fp32 weights: full replacements first, then deltas (PEFT's order)."""
+        import torch
+
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.replacements.items():
+                params[name].copy_(value.to(params[name].dtype))
+            for name, (idx, rows) in self.token_rows.items():
+                params[name][torch.tensor(idx)] = rows.to(params[name].dtype)
+            for m in self.modules:
+                mod = modules[m.module]
+                W = mod.weight.detach().float()
+                A, B = m.A.float(), m.B.float()
+                if m.layer == "linear":
+                    V = W + m.scaling * (B @ A)
+                    if m.magnitude is not None:
+                        V = V * (m.magnitude.float().view(-1) / V.norm(p=2, dim=1))[:, None]
+                elif m.layer == "embedding":
+                    V = W + m.scaling * (B @ A).T
+                    if m.magnitude is not None:
+                        V = V * (m.magnitude.float().view(-1) / V.norm(p=2, dim=0))[None, :]
+                else:
+                    V = W + m.scaling * (B.flatten(1) @ A.flatten(1)).view(W.shape)
+                    if m.magnitude is not None:
+                        norm = V.norm(p=2, dim=tuple(range(1, V.dim())))
+                        V = V * (m.magnitude.float().view(-1) / norm).view(-1, *([1] * (V.dim() - 1)))
+                mod.weight.copy_(V.to(mod.weight.dtype))
+                if m.bias is not None:
+                    delta = m.scaling * m.bias.float()
+                    if mod.bias is None:
+                        mod.bias = torch.nn.Parameter(delta.to(mod.weight.dtype))
+                    else:
+                        mod.bias.copy_((mod.bias.float() + delta).to(mod.bias.dtype))
+
+    # -- PyTorch reference ----------------------------------------------------------------------------------------
+    def write_peft_dir(self, out: Path) -> Path:
+        """The same adapter as a PEFT directory in transformers 5 key layout, so PEFT itself can apply it unmerged."""
+        import json
+
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for m in self.modules:
+            base = PEFT_PREFIX + m.module
+            if m.layer == "embedding":
+                state[base + ".lora_embedding_A"] = m.A
+                state[base + ".lora_embedding_B"] = m.B
+            else:
+                state[base + ".lora_A.weight"] = m.A
+                state[base + ".lora_B.weight"] = m.B
+            if m.magnitude is not None:
+                state[base + ".lora_magnitude_vector"] = m.magnitude
+            if m.bias is not None:
+                state[base + ".lora_B.bias"] = m.bias
+        lora_modules = {m.module for m in self.modules}
+        for name, value in self.replacements.items():
+            owner, leaf = name.rsplit(".", 1)
+            key = f"{owner}.base_layer.{leaf}" if owner in lora_modules else name
+            state[PEFT_PREFIX + key] = value
+        for name, (idx, rows) in self.token_rows.items():
+            state[PEFT_PREFIX + name.rsplit(".", 1)[0] + ".token_adapter.trainable_tokens_delta"] = rows
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+        config = dict(self.config)
+        config["target_modules"] = sorted(lora_modules) or None
+        config["base_model_name_or_path"] = None
+        for opt in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+            config[opt] = None
+        (out / "adapter_config.json").write_text(json.dumps(config))
+        return out
+
+
+def _part(name: str) -> str:
+    from .keymap import part_of
+
+    return part_of(name)
+
+
+def _unmapped(adapter: LoraAdapter, key: str) -> VlexportError:
+    return VlexportError(
+        f"adapter '{adapter.path}': tensor '{key}' maps to no module of the base model; the adapter was trained for "
+        "a different architecture or layout: check that --base is the model it was trained on"
+    )
+
+
+def _shape_error(adapter, key, got, want) -> VlexportError:
+    return VlexportError(
+        f"adapter '{adapter.path}': tensor '{key}' has shape {tuple(got)} but the base model needs "
+        f"{tuple(want)}; the adapter was trained on a different model size: check --base"
+    )
+
+
+def _check_options(config: dict, source: Path) -> None:
+    from peft import LoraConfig
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise VlexportError(f"'{source}' is a {config.get('peft_type')} adapter, not LoRA")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if any(init.startswith(x) for x in _BASE_MUTATING_INITS):
+        raise VlexportError(
+            f"adapter '{source}': option init_lora_weights={config['init_lora_weights']!r} changes the base weights "
+            "during training, so this adapter cannot be merged onto the original base; convert it to a plain LoRA "
+            "first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    if config.get("fan_in_fan_out"):
+        raise VlexportError(
+            f"adapter '{source}': option fan_in_fan_out=true is for GPT-2 style Conv1D layers, which LLaVA does not have"
+        )
+    defaults = LoraConfig()
+    for key, value in config.items():
+        if key in SUPPORTED_OPTIONS or not hasattr(defaults, key):
+            continue
+        default = getattr(defaults, key)
+        if value in (None, {}, [], False) and default in (None, {}, [], False):
+            continue
+        if value != default:
+            raise VlexportError(
+                f"adapter '{source}': LoRA option {key}={value!r} is not supported by vlexport; retrain without it "
+                "or merge it in PEFT first (merge_and_unload) and pass the merged model as --base"
+            )
+
+
+def _scaling(config: dict, module: str, r: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = config.get("lora_alpha", 8)
+    if alpha_pattern:
+        key = get_pattern_key(list(alpha_pattern), module)
+        alpha = alpha_pattern.get(key, alpha)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|modules_to_save)\.default\b")
+
+
+def parse_peft_state(state: dict, config: dict, adapter: LoraAdapter) -> None:
+    """Fill `adapter` from a PEFT-style state dict with keys in any known layout."""
+    entries: dict[str, dict] = {}
+    for raw_key, tensor in state.items():
+        key = _ADAPTER_NAME.sub(lambda m: "." + m.group(1), raw_key).replace(".modules_to_save.", ".")
+        name = normalize_key(key)
+        for suffix, slot in (
+            (".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias"),
+            (".lora_embedding_A", "eA"), (".lora_embedding_B", "eB"),
+            (".lora_magnitude_vector.weight", "m"), (".lora_magnitude_vector", "m"),
+            (".token_adapter.trainable_tokens_delta", "tokens"),
+        ):
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                entries.setdefault(module, {})[slot] = tensor
+                adapter.source_keys[module] = raw_key
+                break
+        else:
+            name = name.replace(".base_layer.", ".")
+            adapter.replacements[name] = tensor
+            adapter.source_keys[name] = raw_key
+
+    token_indices = config.get("trainable_token_indices") or {}
+    for module, e in entries.items():
+        if "tokens" in e:
+            idx = token_indices if isinstance(token_indices, list) else _lookup(token_indices, module)
+            if idx is None:
+                raise VlexportError(
+                    f"adapter '{adapter.path}': '{adapter.source_keys[module]}' has trainable token rows but "
+                    "adapter_config.json has no trainable_token_indices for it"
+                )
+            adapter.token_rows[module + ".weight"] = (list(idx), e["tokens"])
+            if set(e) == {"tokens"}:
+                continue
+        if "eA" in e or "eB" in e:
+            A, B, layer = e.get("eA"), e.get("eB"), "embedding"
+        else:
+            A, B = e.get("A"), e.get("B")
+            layer = "conv" if A is not None and A.dim() == 4 else "linear"
+        if A is None or B is None:
+            missing = "lora_A" if A is None else "lora_B"
+            raise VlexportError(
+                f"adapter '{adapter.path}': module '{adapter.source_keys[module]}' has no {missing} tensor; the file is incomplete"
+            )
+        r = A.shape[0]
+        adapter.modules.append(
+            LoraModule(module, layer, A, B, _scaling(config, module, r), magnitude=e.get("m"), bias=e.get("bias"))
+        )
+
+
+def _lookup(patterns: dict, module: str):
+    for key, idx in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return idx
+    return None
+
+
+def read_peft_lora(path: Path, weights: Path | None = None) -> LoraAdapter:
+    """A PEFT LoRA directory, or a weights file with adapter_config.json beside it."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config_path = folder / "adapter_config.json"
+    if weights is None:
+        if path.is_dir():
+            weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).exists()), None)
+            if weights is None:
+                raise VlexportError(f"adapter directory '{path}' has no adapter_model.safetensors or adapter_model.bin")
+        else:
+            weights = path
+    if not config_path.exists():
+        raise VlexportError(
+            f"LoRA file '{weights}' has no adapter_config.json beside it: LoRA alpha cannot be read from the tensors; "
+            "put the training run's adapter_config.json next to it"
+        )
+    config = read_json(config_path)
+    _check_options(config, config_path)
+    state = read_tensors(weights)
+    check_finite(state, weights)
+    adapter = LoraAdapter(path=path, weights_file=Path(weights), format="peft", config=config)
+    parse_peft_state(state, config, adapter)
+    if not adapter.modules and not adapter.replacements and not adapter.token_rows:
+        raise VlexportError(f"adapter '{weights}' contains no LoRA tensors")
+    return adapter
+
+
+def read_llava_repo_lora(path: Path) -> LoraAdapter:
+    """The original LLaVA repo's LoRA: adapter_model.bin + non_lora_trainables.bin (the projector, absolute)."""
+    adapter = read_peft_lora(path)
+    adapter.format = "llava-repo"
+    extra_file = Path(path) / "non_lora_trainables.bin"
+    extra = read_tensors(extra_file)
+    check_finite(extra, extra_file)
+    for key, value in extra.items():
+        name = normalize_key(key)
+        adapter.replacements[name] = value
+        adapter.source_keys[name] = f"{extra_file.name}:{key}"
+    return adapter

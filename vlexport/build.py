@@ -1,0 +1,169 @@
+"""`vlexport build`: base + adapters -> merged fp32 model -> three ONNX parts (each checked) -> bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .adapters import load_adapter, merge_adapters
+from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
+from .errors import VlexportError
+from .export.onnx import check_part, export_part, part_specs
+from .model import check_base_dir, facts_from_config, fingerprint, load_llava
+from .target import load_target
+
+
+def read_text_assets(base: Path) -> dict:
+    """Tokenizer, image preprocessing and chat template of a base directory, as the runtime needs them."""
+    from .preprocess import ImageSpec
+
+    base = Path(base)
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text()) if (base / "tokenizer_config.json").exists() else {}
+    proc_cfg = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (base / name).exists():
+            proc_cfg.update(json.loads((base / name).read_text()))
+    if not proc_cfg:
+        raise VlexportError(f"--base '{base}' has no processor_config.json or preprocessor_config.json (image preprocessing)")
+    template = None
+    if (base / "chat_template.jinja").exists():
+        template = (base / "chat_template.jinja").read_text()
+    elif (base / "chat_template.json").exists():
+        template = json.loads((base / "chat_template.json").read_text()).get("chat_template")
+    else:
+        template = proc_cfg.get("chat_template") or tok_cfg.get("chat_template")
+
+    def token_str(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    extra = tok_cfg.get("extra_special_tokens") or {}
+    image_token = proc_cfg.get("image_token") or (extra.get("image_token") if isinstance(extra, dict) else None) or "<image>"
+    return {
+        "image_spec": ImageSpec.from_processor_config(proc_cfg),
+        "chat_template": template,
+        "image_token": token_str(image_token),
+        "bos_token": token_str(tok_cfg.get("bos_token")),
+        "eos_token": token_str(tok_cfg.get("eos_token")),
+    }
+
+
+def _copy_tokenizer(base: Path, out: Path) -> None:
+    if (base / "tokenizer.json").exists():
+        shutil.copy2(base / "tokenizer.json", out / "tokenizer.json")
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base))
+        tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    except Exception as e:  # sentencepiece conversion can fail in many ways; report it as an input problem
+        raise VlexportError(
+            f"--base '{base}' has no tokenizer.json and its tokenizer could not be converted ({e}); save the "
+            "tokenizer with a fast tokenizer (tokenizer.json) first"
+        ) from None
+
+
+def _eos_ids(base: Path, facts) -> list[int]:
+    eos = None
+    gen = base / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = facts.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def build(
+    base: str | Path,
+    adapters: list[str | Path] = (),
+    out: str | Path = "bundle",
+    target: str = "cpu",
+    force: bool = False,
+    adapter_kind: str | None = None,
+    verify: bool = True,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`."""
+    base, out = Path(base), Path(out)
+    check_output_path(out, force)
+    config = check_base_dir(base)
+    prof = load_target(target)
+    facts = facts_from_config(config)
+    assets = read_text_assets(base)
+    loaded = [load_adapter(p, adapter_kind) for p in adapters]
+    stages: dict[str, dict] = {}
+
+    t = time.perf_counter()
+    model = load_llava(base)
+    merge_adapters(model, loaded)
+    stages["load_and_merge"] = {"seconds": time.perf_counter() - t}
+    log(f"merged {len(loaded)} adapter(s) into the base in fp32")
+
+    rel_tol = prof.thresholds("fp32")["export_rel_tol"]
+    with atomic_directory(out, force) as tmp:
+        parts = {}
+        for spec in part_specs(model, facts):
+            t = time.perf_counter()
+            path = export_part(spec, tmp / f"{spec.name}.onnx")
+            check = check_part(spec, path, rel_tol)
+            seconds = time.perf_counter() - t
+            stages[f"export_{spec.name}"] = {"seconds": seconds}
+            parts[spec.name] = {"file": path.name, "precision": prof.precision[spec.name], **onnx_io(path), "export_check": check}
+            log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
+        del model
+
+        _copy_tokenizer(base, tmp)
+        spec = assets["image_spec"]
+        if assets["chat_template"]:
+            (tmp / "chat_template.jinja").write_text(assets["chat_template"])
+        manifest = {
+            "vlexport_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
+            "adapters": [a.describe() for a in loaded],
+            "target": prof.to_dict(),
+            "parts": parts,
+            "model": {
+                "image_token_id": facts.image_token_id,
+                "num_image_tokens": facts.num_image_tokens,
+                "vocab_size": facts.vocab_size,
+                "hidden_size": facts.hidden_size,
+                "num_layers": facts.num_layers,
+                "num_attention_heads": facts.num_heads,
+                "num_kv_heads": facts.num_kv_heads,
+                "head_dim": facts.head_dim,
+                "image_size": facts.image_size,
+                "max_position_embeddings": facts.max_position_embeddings,
+            },
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "image_token": assets["image_token"],
+                "bos_token": assets["bos_token"],
+                "eos_token": assets["eos_token"],
+            },
+            "preprocessing": {"image": {k: getattr(spec, k) for k in spec.__dataclass_fields__}},
+            "chat_template": {"file": "chat_template.jinja"} if assets["chat_template"] else None,
+            "generation": {"eos_token_ids": _eos_ids(base, facts)},
+            "build": {"stages": stages},
+        }
+        if verify:
+            from .parity.verify import verify_directory
+
+            t = time.perf_counter()
+            report = verify_directory(tmp, manifest, base=base, adapters=loaded, log=log)
+            stages["verify"] = {"seconds": time.perf_counter() - t}
+            (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"]}
+            if not report["passed"]:
+                from .errors import ParityError
+
+                raise ParityError(f"parity check failed: {report['summary']}; the bundle was not written")
+        manifest = write_manifest(tmp, manifest)
+    log(f"bundle written to {out}")
+    return manifest

@@ -1,0 +1,115 @@
+"""One explicit nn.Module per exported part. Together they compute what LlavaForConditionalGeneration computes.
+
+The I/O contract (shared by vlexport's runtime, onnxruntime-genai and TensorRT):
+  vision:  pixel_values [N,3,S,S] -> image_features [N*T, H]      (feature layer, CLS drop and projector inside)
+  embed:   input_ids [B,S], image_features [T,H] -> inputs_embeds  (features written in order at image tokens)
+  decoder: inputs_embeds, attention_mask [B,P+S], position_ids [B,S], past_key_values.{i}.key|value [B,kv,P,hd]
+           -> logits [B,S,V], present.{i}.key|value [B,kv,P+S,hd]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _feature_indices(feature_layer, num_layers: int) -> list[int]:
+    """hidden_states indices (0 = embeddings output) for LLaVA's vision_feature_layer."""
+    layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    return [k if k >= 0 else num_layers + 1 + k for k in layers]
+
+
+class VisionPart(nn.Module):
+    """CLIP up to the deepest feature layer LLaVA reads (later layers never run), then the projector."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        tower = model.model.vision_tower
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        self.indices = _feature_indices(cfg.vision_feature_layer, len(tower.encoder.layers))
+        self.layers = nn.ModuleList(tower.encoder.layers[: max(self.indices)])
+        self.drop_cls = cfg.vision_feature_select_strategy == "default"
+        self.projector = model.model.multi_modal_projector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        states = [hidden]
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+            states.append(hidden)
+        features = torch.cat([states[i] for i in self.indices], dim=-1)
+        if self.drop_cls:
+            features = features[:, 1:]
+        projected = self.projector(features)
+        return projected.reshape(-1, projected.shape[-1])
+
+
+class EmbedPart(nn.Module):
+    """Token embeddings with image features written, in order, into the image-token positions (HF masked_scatter).
+
+    An empty image_features (T=0, every decode step) is valid: it gathers from one appended zero row that only
+    non-image positions ever select.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.model.language_model.embed_tokens
+        self.image_token_id = int(model.config.image_token_id)
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        is_image = input_ids == self.image_token_id
+        # The image token id may lie outside the text vocabulary in some checkpoints; never look it up.
+        embeds = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+        flat = is_image.reshape(-1)
+        n_features = image_features.shape[0]
+        order = torch.cumsum(flat.to(torch.int64), dim=0) - 1
+        index = torch.where(flat, order, torch.full_like(order, n_features)).clamp(max=n_features)
+        padded = torch.cat([image_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
+        gathered = padded[index].reshape(embeds.shape)
+        return torch.where(is_image.unsqueeze(-1), gathered, embeds)
+
+
+class DecoderPart(nn.Module):
+    """The Llama decoder and lm_head on embeddings, with the KV cache as explicit per-layer inputs and outputs.
+
+    The additive 4-D mask (causal over past+new positions, and the 2-D padding mask) is built here, so the graph
+    needs no cache object and one graph serves prefill (past length 0) and decode.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.language_model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.text_config = model.config.text_config
+        self.num_layers = self.text_config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.text_config)
+        for i in range(self.num_layers):
+            cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+        new, total = inputs_embeds.shape[1], attention_mask.shape[1]
+        query_pos = torch.arange(new, device=inputs_embeds.device).unsqueeze(1) + (total - new)
+        key_pos = torch.arange(total, device=inputs_embeds.device).unsqueeze(0)
+        allowed = (key_pos <= query_pos).unsqueeze(0).unsqueeze(0) & attention_mask.bool()[:, None, None, :]
+        mask = torch.where(allowed, 0.0, torch.finfo(inputs_embeds.dtype).min).to(inputs_embeds.dtype)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        logits = self.lm_head(out.last_hidden_state)
+        present = []
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["inputs_embeds", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs

@@ -1,0 +1,209 @@
+"""Seeded random LLaVA checkpoints in the normal Hugging Face layout, built with transformers' own classes."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VlexportError
+
+# llava-hf's template for LLaVA-1.5 ("USER: <image>\n... ASSISTANT:").
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ item['text'] + ' ' }}{% endgeneration %}"
+    "{% else %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+
+
+@dataclass(frozen=True)
+class Preset:
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    image_size: int
+    patch_size: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab_size: int  # model vocab, a multiple of 64 like llava-hf's 32064
+    dtype: str = "float32"
+
+
+PRESETS = {
+    "tiny": Preset(32, 3, 2, 64, 56, 14, 64, 2, 4, 4, 128, 1024),
+    "tiny-gqa": Preset(32, 3, 2, 64, 56, 14, 64, 2, 4, 2, 128, 1024),
+    # ViT-B/14 at 224 and a 12-layer, 768-wide Llama: LLaVA-1.5's ratios at about 1/50 of its size.
+    "small": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 12, 2048, 32064),
+    "small-gqa": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 4, 2048, 32064),
+}
+
+_SYLLABLES = [
+    c + v
+    for c in ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st", "th", "ch"]
+    for v in ["a", "e", "i", "o", "u", "ou", "ea", "ai"]
+]
+_WORDS = (
+    "a photo of the image shows what is in this picture describe cat dog person man woman astronaut "
+    "rocket coffee cup table sky space suit flag red blue green white black color colour how many "
+    "where is there are on with and of to in it this that answer question briefly detail one two three"
+).split()
+
+
+def _corpus(seed: int, n_lines: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = []
+        for _ in range(rng.randint(6, 20)):
+            if rng.random() < 0.5:
+                words.append(rng.choice(_WORDS))
+            else:
+                words.append("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))))
+        line = " ".join(words)
+        lines.append(line.capitalize() + rng.choice([".", "?", "!", ","]) + (" 12" if rng.random() < 0.1 else ""))
+    return lines
+
+
+def build_tokenizer(vocab_size: int, seed: int):
+    """A byte-level BPE tokenizer (as Llama/LLaVA checkpoints carry) with exactly `vocab_size` ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    n_trained = vocab_size - 2  # <image> and <pad> are added after training, as in llava-hf
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_trained,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed, 4000 if vocab_size <= 4096 else 200_000), trainer=trainer)
+    if tok.get_vocab_size() != n_trained:
+        raise RuntimeError(f"fixture tokenizer trained to {tok.get_vocab_size()} ids, wanted {n_trained}")
+    tok.add_special_tokens([IMAGE_TOKEN, PAD_TOKEN])
+    return tok
+
+
+def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete llava-hf style directory: config, safetensors, tokenizer, processor, chat template."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    if preset not in PRESETS:
+        raise VlexportError(f"unknown fixture preset '{preset}': choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out_dir)
+
+    raw_tok = build_tokenizer(p.vocab_size, seed)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        add_bos_token=True,
+        clean_up_tokenization_spaces=False,
+    )
+    # Llama prepends <s>; byte-level BPE has no post-processor for it, so add one explicitly.
+    from tokenizers import processors
+
+    bos_id = raw_tok.token_to_id("<s>")
+    raw_tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        clean_up_tokenization_spaces=False,
+    )
+    image_token_id = raw_tok.token_to_id(IMAGE_TOKEN)
+
+    vision = CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_intermediate,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.text_hidden,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
+        vocab_size=p.vocab_size,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=raw_tok.token_to_id("<s>"),
+        eos_token_id=raw_tok.token_to_id("</s>"),
+        pad_token_id=raw_tok.token_to_id(PAD_TOKEN),
+        tie_word_embeddings=False,
+    )
+    n_patches = (p.image_size // p.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=n_patches,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # HF init leaves biases and norms at 0/1; give every parameter seeded, non-trivial values so that
+        # a dropped bias or norm weight shows up in parity.
+        g = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(base + 0.05 * torch.randn(param.shape, generator=g))
+    model.save_pretrained(out, safe_serialization=True)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": p.image_size},
+        crop_size={"height": p.image_size, "width": p.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out

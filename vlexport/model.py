@@ -1,0 +1,110 @@
+"""Loading a llava-hf style base directory, and the facts about it the exporter and runtime need."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VlexportError
+
+PARTS = ("vision", "embed", "decoder")
+
+
+@dataclass(frozen=True)
+class LlavaFacts:
+    """Shapes and ids read from config.json alone (no weights)."""
+
+    image_token_id: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    image_size: int
+    patch_size: int
+    vision_feature_layer: int | list
+    vision_feature_select_strategy: str
+    num_image_tokens: int
+    eos_token_id: int | list | None
+    bos_token_id: int | None
+    pad_token_id: int | None
+    max_position_embeddings: int
+
+
+def check_base_dir(base: Path) -> dict:
+    """Return config.json of a LLaVA directory, or raise a clear error naming what is wrong."""
+    base = Path(base)
+    if not base.is_dir():
+        raise VlexportError(f"--base '{base}' is not a directory; pass a Hugging Face LLaVA directory (config.json + safetensors)")
+    cfg_path = base / "config.json"
+    if not cfg_path.exists():
+        raise VlexportError(f"--base '{base}' has no config.json; pass a Hugging Face LLaVA directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise VlexportError(f"'{cfg_path}' is not valid JSON ({e})") from None
+    if config.get("model_type") != "llava":
+        raise VlexportError(
+            f"--base '{base}' is a '{config.get('model_type')}' model, not LLaVA (config.json model_type must be "
+            "'llava'); vlexport exports llava-hf style checkpoints"
+        )
+    if not list(base.glob("*.safetensors")):
+        raise VlexportError(f"--base '{base}' has no *.safetensors weights; convert .bin checkpoints with safetensors first")
+    return config
+
+
+def facts_from_config(config: dict) -> LlavaFacts:
+    from transformers import LlavaConfig
+
+    cfg = LlavaConfig(**{k: v for k, v in config.items() if k not in ("transformers_version", "architectures")})
+    text, vision = cfg.text_config, cfg.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    n_patches = (vision.image_size // vision.patch_size) ** 2
+    n_image_tokens = n_patches + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+    return LlavaFacts(
+        image_token_id=cfg.image_token_id,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=head_dim,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_image_tokens=n_image_tokens,
+        eos_token_id=text.eos_token_id,
+        bos_token_id=text.bos_token_id,
+        pad_token_id=text.pad_token_id,
+        max_position_embeddings=text.max_position_embeddings,
+    )
+
+
+def load_llava(base: Path):
+    """The base model in fp32, eval mode, SDPA attention (exports to plain ONNX ops)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    check_base_dir(base)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            str(base), dtype=torch.float32, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise VlexportError(f"--base '{base}' could not be loaded as LLaVA: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def fingerprint(base: Path) -> str:
+    """sha256 over config.json and every weight file, so any changed tensor changes it."""
+    from .adapters.io import sha256_file
+
+    base = Path(base)
+    h = hashlib.sha256((base / "config.json").read_bytes())
+    for f in sorted(base.glob("*.safetensors")):
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()

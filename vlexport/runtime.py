@@ -1,0 +1,189 @@
+"""Run a bundle: image + prompt -> tokens, on ONNX Runtime. Imports neither torch nor transformers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends.onnxruntime import OrtRunner
+from .bundle import read_manifest
+from .errors import VlexportError
+from .preprocess import ImageSpec, expand_image_tokens, open_image, preprocess_image
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # new tokens only
+    prompt_ids: list[int]
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "timings": self.timings}
+
+
+def _render_chat_template(template: str, messages: list, **kwargs) -> str:
+    """Render a HF chat template the way transformers does (sandboxed jinja, trim/lstrip blocks, {% generation %})."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # HF marks assistant text with {% generation %}; rendering only needs the body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, **kwargs)
+
+
+class Bundle:
+    """A loaded bundle. `generate` answers one question about one image."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, verify_files: bool = True):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, verify_files=verify_files)
+        m = self.manifest
+        self.runners = {name: OrtRunner(self.path / part["file"], threads) for name, part in m["parts"].items()}
+        self.tokenizer = Tokenizer.from_file(str(self.path / m["tokenizer"]["file"]))
+        self.image_spec = ImageSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocessing"]["image"].items()})
+        self.chat_template = (self.path / m["chat_template"]["file"]).read_text() if m.get("chat_template") else None
+        model = m["model"]
+        self.image_token = m["tokenizer"]["image_token"]
+        self.image_token_id = model["image_token_id"]
+        self.num_image_tokens = model["num_image_tokens"]
+        self.eos_ids = set(m["generation"]["eos_token_ids"])
+        self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
+        self.hidden_size = model["hidden_size"]
+
+    # -- text -------------------------------------------------------------------------------------------------
+    def chat_prompt(self, prompt: str) -> str:
+        if not self.chat_template:
+            raise VlexportError(f"bundle '{self.path}' has no chat template; use --raw-prompt with an {self.image_token} placeholder")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        tok = self.manifest["tokenizer"]
+        return _render_chat_template(
+            self.chat_template, messages, add_generation_prompt=True,
+            bos_token=tok.get("bos_token"), eos_token=tok.get("eos_token"),
+        )
+
+    def encode(self, text: str) -> list[int]:
+        n = text.count(self.image_token)
+        if n != 1:
+            raise VlexportError(
+                f"the prompt must contain exactly one '{self.image_token}' placeholder for the image (found {n}); "
+                "use --prompt to have the chat template add it"
+            )
+        return self.tokenizer.encode(expand_image_tokens(text, self.image_token, self.num_image_tokens)).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- image ------------------------------------------------------------------------------------------------
+    def pixel_values(self, image) -> np.ndarray:
+        if isinstance(image, (str, Path)):
+            image = open_image(image)
+        return preprocess_image(image, self.image_spec)[None]
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.runners["vision"].infer({"pixel_values": pixel_values})["image_features"]
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {
+            f"past_key_values.{i}.{kv}": np.zeros(shape, np.float32)
+            for i in range(self.num_layers) for kv in ("key", "value")
+        }
+
+    def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        if features is None:
+            features = np.zeros((0, self.hidden_size), np.float32)
+        return self.runners["embed"].infer({"input_ids": ids, "image_features": features})["inputs_embeds"]
+
+    def decode_step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict):
+        out = self.runners["decoder"].infer(
+            {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+        )
+        present = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
+        return out["logits"], present
+
+    def generate(
+        self,
+        image,
+        prompt: str | None = None,
+        raw_prompt: str | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Generation:
+        if (prompt is None) == (raw_prompt is None):
+            raise VlexportError("give exactly one of --prompt (chat template applied) or --raw-prompt (used verbatim)")
+        if max_new_tokens < 1:
+            raise VlexportError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        text = self.chat_prompt(prompt) if prompt is not None else raw_prompt
+        ids = self.encode(text)
+        pixels = self.pixel_values(image)
+        t1 = time.perf_counter()
+        features = self.image_features(pixels)
+        t2 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        input_ids = np.array([ids], dtype=np.int64)
+        mask = np.ones((1, len(ids)), dtype=np.int64)
+        positions = np.arange(len(ids), dtype=np.int64)[None]
+        logits, past = self.decode_step(self.embed(input_ids, features), mask, positions, self.empty_past())
+        t3 = time.perf_counter()
+        new: list[int] = []
+        while True:
+            token = _pick(logits[0, -1], temperature, top_p, rng)
+            new.append(token)
+            if token in self.eos_ids or len(new) >= max_new_tokens:
+                break
+            step = np.array([[token]], dtype=np.int64)
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            positions = np.array([[mask.shape[1] - 1]], dtype=np.int64)
+            logits, past = self.decode_step(self.embed(step, None), mask, positions, past)
+        t4 = time.perf_counter()
+        timings = {
+            "preprocess_ms": 1000 * (t1 - t0),
+            "vision_ms": 1000 * (t2 - t1),
+            "prefill_ms": 1000 * (t3 - t2),
+            "decode_ms_per_token": 1000 * (t4 - t3) / max(1, len(new) - 1),
+            "total_ms": 1000 * (t4 - t0),
+            "prompt_tokens": len(ids),
+            "new_tokens": len(new),
+        }
+        return Generation(text=self.decode(new), token_ids=new, prompt_ids=ids, timings=timings)
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.cumsum(probs[order]) - probs[order] < top_p  # smallest set whose mass reaches top_p
+    kept = order[keep]
+    p = probs[kept] / probs[kept].sum()
+    return int(rng.choice(kept, p=p))
+
+
+def load(path: str | Path, threads: int | None = None) -> Bundle:
+    return Bundle(path, threads=threads)
