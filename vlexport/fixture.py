@@ -207,3 +207,55 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path
     )
     processor.save_pretrained(out)
     return out
+
+
+LORA_TARGETS = (
+    r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"
+    r"|vision_tower.*\.(q_proj|v_proj|fc1)|multi_modal_projector\.linear_[12])"
+)
+
+
+def _randomize(peft_model, seed: int, scale: float = 0.1) -> None:
+    """PEFT initialises B (and BEFT biases) to zero, an identity adapter; trained adapters are not."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                base = 1.0 if "magnitude" in name else 0.0
+                p.copy_(base * p + scale * torch.randn(p.shape, generator=g) * (p.abs().mean() if base else 1.0))
+
+
+def make_lora(base_dir: str | Path, out_dir: str | Path, seed: int = 1, **options) -> Path:
+    """A PEFT LoRA adapter trained-looking (non-zero B) over the vision tower, projector and language model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    config = dict(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+    config.update(options)
+    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(model, LoraConfig(**config))
+    _randomize(peft_model, seed)
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def make_bitfit(base_dir: str | Path, out_file: str | Path, seed: int = 2) -> Path:
+    """A BitFit dump: trained (absolute) biases of CLIP, the projector, plus biases on Llama linears that have none."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") and ("vision_tower" in name or "multi_modal_projector" in name):
+            state[name] = p.detach() + 0.05 * torch.randn(p.shape, generator=g)
+    for name, mod in model.named_modules():
+        if name.endswith(("self_attn.o_proj", "mlp.down_proj")) and "language_model" in name:
+            state[name + ".bias"] = 0.05 * torch.randn(mod.weight.shape[0], generator=g)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return Path(out_file)

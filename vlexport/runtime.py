@@ -51,11 +51,13 @@ def _render_chat_template(template: str, messages: list, **kwargs) -> str:
 class Bundle:
     """A loaded bundle. `generate` answers one question about one image."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, verify_files: bool = True):
+    def __init__(self, path: str | Path, threads: int | None = None, manifest: dict | None = None):
+        """`manifest` is given only while a build is still writing the bundle; otherwise it is read and every
+        file's sha256 is checked."""
         from tokenizers import Tokenizer
 
         self.path = Path(path)
-        self.manifest = read_manifest(self.path, verify_files=verify_files)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
         m = self.manifest
         self.runners = {name: OrtRunner(self.path / part["file"], threads) for name, part in m["parts"].items()}
         self.tokenizer = Tokenizer.from_file(str(self.path / m["tokenizer"]["file"]))

@@ -1,0 +1,253 @@
+"""The vlexport command line. It parses arguments, calls the API and maps errors to exit codes:
+0 success, 1 parity failure, 2 bad input (the message says what to fix)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import ParityError, VlexportError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Compile LLaVA models and their adapters into bundles that run on ONNX Runtime.")
+fixture_app = typer.Typer(no_args_is_help=True, help="Write small LLaVA models and adapters for tests and demos.")
+app.add_typer(fixture_app, name="fixture")
+console = Console(stderr=True, log_path=False)
+out = Console()
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VlexportError as e:
+            console.print(f"[red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2)
+        except ParityError as e:
+            console.print(f"[red]parity failure:[/] {e}", highlight=False)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _log(msg: str) -> None:
+    console.log(msg, highlight=False)
+
+
+@app.command()
+@_handle_errors
+def build(
+    base: Path = typer.Option(..., "--base", help="Hugging Face LLaVA directory (config.json + safetensors)."),
+    adapter: list[Path] = typer.Option([], "--adapter", help="Adapter file or directory; repeat to apply several, in order."),
+    adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="Override detection: lora | bitfit."),
+    target: str = typer.Option("cpu", "--target", help="Target profile name (vlexport targets) or a .toml path."),
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the parity check against PyTorch (default on)."),
+):
+    """Merge adapters into the base, export vision/embed/decoder to ONNX, check them and write a bundle."""
+    from .build import build as run_build
+
+    with console.status("building bundle..."):
+        manifest = run_build(base, adapter, output, target=target, force=force, adapter_kind=adapter_kind,
+                             verify=verify, log=_log)
+    parity = manifest.get("parity")
+    note = "parity passed" if parity and parity["passed"] else "parity not checked (--no-verify)"
+    out.print(f"[green]bundle written:[/] {output} ({note})")
+
+
+@app.command()
+@_handle_errors
+def run(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    image: Path = typer.Option(..., "--image", help="Image file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Question; the base's chat template is applied."),
+    raw_prompt: Optional[str] = typer.Option(None, "--raw-prompt", help="Prompt used verbatim, with the <image> placeholder."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json", help="Print {text, token_ids, timings} as JSON."),
+):
+    """Answer a prompt about an image with a bundle (ONNX Runtime, no torch)."""
+    from .runtime import Bundle
+
+    if not image.is_file():
+        raise VlexportError(f"--image '{image}' does not exist")
+    result = Bundle(bundle, threads=threads).generate(
+        image, prompt=prompt, raw_prompt=raw_prompt, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed,
+    )
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        out.print(result.text, highlight=False)
+        t = result.timings
+        console.print(f"[dim]vision {t['vision_ms']:.0f} ms, prefill {t['prefill_ms']:.0f} ms, "
+                      f"decode {t['decode_ms_per_token']:.1f} ms/token, {t['new_tokens']} tokens[/]")
+
+
+@app.command()
+@_handle_errors
+def verify(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Reference base (default: the one in the manifest)."),
+    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="Reference adapters (default: the manifest's)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of images + prompts.jsonl (default: built-in photos)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
+):
+    """Prove a bundle matches the PyTorch model as trained. Exit 0 pass, 1 parity failure, 2 bad input."""
+    from .parity.report import render_table, write_junit
+    from .parity.verify import verify_bundle
+
+    with console.status("verifying..."):
+        report = verify_bundle(bundle, base=base, adapters=adapter or None, data=data,
+                               max_new_tokens=max_new_tokens, log=_log)
+    if junit:
+        write_junit(report, junit)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        render_table(report, out)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_handle_errors
+def inspect(
+    path: Path = typer.Argument(..., help="A bundle directory or an adapter file/directory."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Describe a bundle (parts, I/O, adapters) or an adapter (kind, format, tensors)."""
+    from rich.table import Table
+
+    from .bundle import MANIFEST, read_manifest
+
+    if (path / MANIFEST).exists():
+        info = read_manifest(path)
+        if as_json:
+            print(json.dumps(info))
+            return
+        out.print(f"[bold]bundle[/] {path}  vlexport {info['vlexport_version']}  target {info['target']['name']}")
+        table = Table("part", "file", "precision", "inputs", "outputs")
+        for name, part in info["parts"].items():
+            fmt = lambda vs: "\n".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in vs[:4]) + (
+                f"\n… {len(vs) - 4} more" if len(vs) > 4 else "")
+            table.add_row(name, part["file"], part["precision"], fmt(part["inputs"]), fmt(part["outputs"]))
+        out.print(table)
+        for a in info["adapters"]:
+            out.print(f"adapter {a['kind']} ({a['format']}) {a['path']} sha256 {a['sha256'][:12]}… merged={a['merged']}")
+        if info.get("parity"):
+            out.print(f"parity: {'passed' if info['parity']['passed'] else 'FAILED'} ({info['parity']['report']})")
+        return
+    from .adapters import load_adapter
+
+    info = load_adapter(path).describe()
+    if as_json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            out.print(f"{k}: {v}", highlight=False)
+
+
+@app.command()
+def targets():
+    """List the shipped target profiles."""
+    from .target import available_targets, load_target
+
+    for name in available_targets():
+        t = load_target(name)
+        out.print(f"{name:12s} {t.backend:12s} {t.description}")
+
+
+@fixture_app.command("llava")
+@_handle_errors
+def fixture_llava(
+    out_dir: Path = typer.Argument(...),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """A seeded random LLaVA in the Hugging Face layout."""
+    from .fixture import make_llava
+
+    make_llava(out_dir, preset, seed)
+    out.print(f"wrote {preset} LLaVA to {out_dir}")
+
+
+@fixture_app.command("lora")
+@_handle_errors
+def fixture_lora(base: Path = typer.Argument(...), out_dir: Path = typer.Argument(...), seed: int = typer.Option(1, "--seed")):
+    """A PEFT LoRA (vision, projector, language) with non-zero weights for BASE."""
+    from .fixture import make_lora
+
+    make_lora(base, out_dir, seed)
+    out.print(f"wrote LoRA adapter to {out_dir}")
+
+
+@fixture_app.command("bitfit")
+@_handle_errors
+def fixture_bitfit(base: Path = typer.Argument(...), out_file: Path = typer.Argument(...), seed: int = typer.Option(2, "--seed")):
+    """A BitFit bias dump for BASE."""
+    from .fixture import make_bitfit
+
+    make_bitfit(base, out_file, seed)
+    out.print(f"wrote BitFit biases to {out_file}")
+
+
+@app.command()
+@_handle_errors
+def demo(
+    workdir: Path = typer.Option(Path("vlexport-demo"), "--workdir", help="Where the fixture, adapters and bundle go."),
+    preset: str = typer.Option("tiny", "--preset"),
+):
+    """The whole job on a built-in default: make a small LLaVA and adapters, build a bundle, ask it about a photo."""
+    import skimage.data
+    from PIL import Image
+
+    from .build import build as run_build
+    from .fixture import make_bitfit, make_llava, make_lora
+    from .runtime import Bundle
+
+    base, lora, bitfit, bundle = workdir / "llava", workdir / "lora", workdir / "bitfit.safetensors", workdir / "bundle"
+    with console.status("making a LLaVA fixture and adapters..."):
+        if not (base / "config.json").exists():
+            make_llava(base, preset)
+        make_lora(base, lora)
+        make_bitfit(base, bitfit)
+    _log(f"base {base}, adapters {lora} (PEFT LoRA) and {bitfit} (BitFit)")
+    with console.status("building bundle (export, checks, parity)..."):
+        run_build(base, [lora, bitfit], bundle, force=True, log=_log)
+    photo = workdir / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    question = "What is shown in this image?"
+    result = Bundle(bundle).generate(photo, prompt=question, max_new_tokens=24)
+    out.print(f"[bold]Q:[/] {question}  [dim]({photo})[/]")
+    out.print(f"[bold]A:[/] {result.text!r}  [dim](random weights: the words are noise; the tokens match PyTorch exactly)[/]")
+    out.print(f"token ids: {result.token_ids}")
+    out.print(f"bundle: {bundle}  (try: vlexport run {bundle} --image {photo} --prompt \"{question}\" --json)")
+
+
+def main() -> None:
+    # Library chatter (weight-loading bars, deprecation notices) would bury vlexport's own messages.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    app()
+
+
+if __name__ == "__main__":
+    main()

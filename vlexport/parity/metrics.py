@@ -1,0 +1,94 @@
+"""Parity metrics, pure numpy. Each is checked against hand-computed values in tests/test_metrics.py."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _flat(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def cosine(ref, test) -> float:
+    a, b = _flat(ref), _flat(test)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    if denom == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(a @ b / denom)
+
+
+def norm_ratio(ref, test) -> float:
+    """‖test‖ / ‖ref‖: catches a uniformly scaled output that cosine alone misses."""
+    a, b = np.linalg.norm(_flat(ref)), np.linalg.norm(_flat(test))
+    return float(b / a) if a else (1.0 if b == 0 else float("inf"))
+
+
+def error_stats(ref, test) -> dict:
+    """max and p99 of |Δ| and of |Δ|/|ref|, and the minimum atol (rtol=0) and rtol (atol=0) that would pass.
+
+    Following Polygraphy, an element passes a tolerance pair if |Δ| <= atol + rtol*|ref| (numpy.isclose's rule).
+    """
+    a, b = _flat(ref), _flat(test)
+    if a.size == 0:
+        return {"max_abs": 0.0, "p99_abs": 0.0, "max_rel": 0.0, "p99_rel": 0.0, "min_atol": 0.0, "min_rtol": 0.0}
+    diff = np.abs(a - b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / np.abs(a))
+    return {
+        "max_abs": float(diff.max()),
+        "p99_abs": float(np.percentile(diff, 99)),
+        "max_rel": float(rel.max()),
+        "p99_rel": float(np.percentile(rel, 99)),
+        "min_atol": float(diff.max()),
+        "min_rtol": float(rel.max()),
+    }
+
+
+def log_softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def kl_per_token(ref_logits, test_logits) -> np.ndarray:
+    """KL(ref ‖ test) in nats for each row of [..., vocab] logits."""
+    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+
+
+def top1_agreement(ref_logits, test_logits) -> float:
+    r = np.asarray(ref_logits).argmax(-1)
+    t = np.asarray(test_logits).argmax(-1)
+    return float((r == t).mean()) if r.size else 1.0
+
+
+def logit_metrics(ref_logits, test_logits) -> dict:
+    """Teacher-forced logits [tokens, vocab]: KL, top-1, |Δlogit| (also relative to the logit scale), cosine."""
+    ref = np.asarray(ref_logits, dtype=np.float64)
+    test = np.asarray(test_logits, dtype=np.float64)
+    kl = kl_per_token(ref, test)
+    scale = float(np.abs(ref).max()) if ref.size else 1.0
+    stats = error_stats(ref, test)
+    return {
+        "tokens": int(ref.shape[0]),
+        "kl_mean": float(kl.mean()) if kl.size else 0.0,
+        "kl_max": float(kl.max()) if kl.size else 0.0,
+        "top1_agreement": top1_agreement(ref, test),
+        "max_abs_logit_diff": stats["max_abs"],
+        "logit_scale": scale,
+        "max_rel_logit_diff": stats["max_abs"] / max(scale, 1e-12),
+        "cosine": cosine(ref, test),
+        **{k: v for k, v in stats.items() if k != "max_abs"},
+    }
+
+
+def greedy_match(ref_tokens: list[int], test_tokens: list[int]) -> dict:
+    """Exact match and the first position where the two token streams differ (None if they never do)."""
+    first = None
+    for i, (r, t) in enumerate(zip(ref_tokens, test_tokens)):
+        if r != t:
+            first = i
+            break
+    if first is None and len(ref_tokens) != len(test_tokens):
+        first = min(len(ref_tokens), len(test_tokens))
+    return {"exact": first is None, "first_divergence": first, "ref_tokens": len(ref_tokens), "test_tokens": len(test_tokens)}
