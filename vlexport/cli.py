@@ -29,10 +29,10 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VlexportError as e:
-            console.print(f"[red]error:[/] {e}", highlight=False)
+            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except ParityError as e:
-            console.print(f"[red]parity failure:[/] {e}", highlight=False)
+            console.print(f"[red]parity failure:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
     return wrapper

@@ -1,0 +1,64 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    from vlexport.fixture import make_llava
+
+    return make_llava(tmp_path_factory.mktemp("tiny") / "llava", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_base(tmp_path_factory):
+    from vlexport.fixture import make_llava
+
+    return make_llava(tmp_path_factory.mktemp("tinygqa") / "llava", "tiny-gqa", seed=3)
+
+
+@pytest.fixture(scope="session")
+def full_lora(tiny_base, tmp_path_factory):
+    """The issue's adapter: vision + projector + language, DoRA, rsLoRA with patterns, lm_head in modules_to_save."""
+    from vlexport.fixture import make_lora
+
+    return make_lora(
+        tiny_base, tmp_path_factory.mktemp("lora") / "full", seed=11,
+        use_dora=True, use_rslora=True, rank_pattern={"v_proj": 4, "fc1": 2}, alpha_pattern={"down_proj": 5, "linear_1": 3},
+        modules_to_save=["lm_head"],
+    )
+
+
+@pytest.fixture(scope="session")
+def bitfit_dump(tiny_base, tmp_path_factory):
+    from vlexport.fixture import make_bitfit
+
+    return make_bitfit(tiny_base, tmp_path_factory.mktemp("bitfit") / "bitfit.safetensors", seed=12)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    import skimage.data
+    from PIL import Image
+
+    return {n: Image.fromarray(getattr(skimage.data, n)()) for n in ("astronaut", "chelsea", "coffee", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def full_bundle(tiny_base, full_lora, bitfit_dump, tmp_path_factory):
+    """tiny base + full LoRA + BitFit, built through the CLI (parity verify included)."""
+    from typer.testing import CliRunner
+
+    from vlexport.cli import app
+
+    out = tmp_path_factory.mktemp("bundles") / "full"
+    result = CliRunner().invoke(
+        app, ["build", "--base", str(tiny_base), "--adapter", str(full_lora), "--adapter", str(bitfit_dump), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return out
