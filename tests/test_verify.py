@@ -1,0 +1,91 @@
+"""`vlexport verify` passes a correct bundle and fails, naming the part, a bundle that is subtly wrong."""
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from vlexport.adapters.io import sha256_file
+from vlexport.cli import app
+
+
+def verify(*args):
+    return CliRunner().invoke(app, ["verify", *map(str, args)])
+
+
+def test_correct_bundle_passes_with_reports(full_bundle, tmp_path):
+    r = verify(full_bundle, "--json", "--junit", tmp_path / "j.xml", "--max-new-tokens", "16")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["thresholds"]["logit_rel_tol"] == 1e-4
+    assert {c["metric"] for c in report["checks"]} >= {"max_rel_logit_diff", "exact_match_rate", "cosine"}
+    assert report["parts"]["decoder"]["logits"]["top1_agreement"] == 1.0
+    assert report["parts"]["vision"]["image_features"]["min_atol"] < 1e-5
+    assert len(report["cases"]) == 6
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert root.get("failures") == "0" and int(root.get("tests")) == len(report["checks"])
+    stored = json.loads((full_bundle / "parity_report.json").read_text())
+    assert stored["passed"]
+
+
+def _scale_weight(bundle, part, factor=1.01):
+    """Rewrite one weight of a part in place and fix its checksum, so parity (not integrity) must catch it."""
+    path = bundle / f"{part}.onnx"
+    model = onnx.load(str(path))
+    candidates = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
+    target = max(candidates, key=lambda t: np.prod(t.dims) * (0 if "embed" in t.name or "lm_head" in t.name else 1))
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{part}.onnx.data")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel in (f"{part}.onnx", f"{part}.onnx.data"):
+        manifest["files"][rel] = sha256_file(bundle / rel)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return target.name
+
+
+@pytest.mark.parametrize("part,output", [("decoder", "logits"), ("vision", "image_features")])
+def test_one_weight_scaled_by_1_01_fails(full_bundle, tmp_path, part, output):
+    bundle = tmp_path / "b"
+    shutil.copytree(full_bundle, bundle)
+    _scale_weight(bundle, part)
+    r = verify(bundle, "--json", "--max-new-tokens", "8")
+    assert r.exit_code == 1, r.output
+    report = json.loads(r.stdout)
+    failed = [(c["part"], c["output"]) for c in report["checks"] if not c["passed"]]
+    assert (part, output) in failed
+    assert f"{part}/{output}" in report["summary"]
+
+
+def test_dropped_adapter_fails(tiny_base, full_lora, bitfit_dump, tmp_path):
+    out = tmp_path / "no-adapter"
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(bitfit_dump), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = verify(out, "--base", tiny_base, "--adapter", full_lora, "--adapter", bitfit_dump, "--max-new-tokens", "8")
+    assert r.exit_code == 1
+    assert "FAIL" in r.output
+
+
+def test_changed_source_is_reported(full_bundle, tmp_path, bitfit_dump):
+    bundle = tmp_path / "b"
+    shutil.copytree(full_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["adapters"][1]["sha256"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    r = verify(bundle)
+    assert r.exit_code == 2 and "changed since the bundle was built" in r.output and "bitfit.safetensors" in r.output
+
+
+def test_user_data_folder(full_bundle, tmp_path, photos):
+    photos["rocket"].save(tmp_path / "rocket.png")
+    (tmp_path / "prompts.jsonl").write_text(
+        json.dumps({"image": "rocket.png", "prompt": "What flies?"}) + "\n"
+        + json.dumps({"image": "rocket.png", "raw_prompt": "USER: <image>\nLaunch? ASSISTANT:"}) + "\n"
+    )
+    r = verify(full_bundle, "--data", tmp_path, "--json", "--max-new-tokens", "8")
+    assert r.exit_code == 0, r.output
+    assert [c["name"] for c in json.loads(r.stdout)["cases"]] == ["rocket.png/l1", "rocket.png/l2"]
