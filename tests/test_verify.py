@@ -33,12 +33,16 @@ def test_correct_bundle_passes_with_reports(full_bundle, tmp_path):
     assert stored["passed"]
 
 
-def _scale_weight(bundle, part, factor=1.01):
+def _largest_matrix(initializers):
+    candidates = [t for t in initializers if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
+    return max(candidates, key=lambda t: np.prod(t.dims) * (0 if "embed" in t.name or "lm_head" in t.name else 1))
+
+
+def _scale_weight(bundle, part, pick=_largest_matrix, factor=1.01):
     """Rewrite one weight of a part in place and fix its checksum, so parity (not integrity) must catch it."""
     path = bundle / f"{part}.onnx"
     model = onnx.load(str(path))
-    candidates = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
-    target = max(candidates, key=lambda t: np.prod(t.dims) * (0 if "embed" in t.name or "lm_head" in t.name else 1))
+    target = pick(model.graph.initializer)
     target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{part}.onnx.data")
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -89,3 +93,19 @@ def test_user_data_folder(full_bundle, tmp_path, photos):
     r = verify(full_bundle, "--data", tmp_path, "--json", "--max-new-tokens", "8")
     assert r.exit_code == 0, r.output
     assert [c["name"] for c in json.loads(r.stdout)["cases"]] == ["rocket.png/l1", "rocket.png/l2"]
+
+
+def test_few_layer_mode_passes_and_catches_layer_zero(full_bundle, tmp_path):
+    r = verify(full_bundle, "--layers", "1", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["mode"].startswith("first 1 decoder layers")
+    assert {c["output"] for c in report["checks"] if c["part"] == "decoder"} == {"present.0.key", "present.0.value"}
+
+    bundle = tmp_path / "b"
+    shutil.copytree(full_bundle, bundle)
+    _scale_weight(bundle, "decoder", pick=lambda inits: next(t for t in inits if t.name.endswith("layers.0.input_layernorm.weight")))
+    r = verify(bundle, "--layers", "1", "--json")
+    assert r.exit_code == 1
+    assert "decoder/present.0.key" in json.loads(r.stdout)["summary"]
+    assert verify(bundle, "--layers", "9").exit_code == 2

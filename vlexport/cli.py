@@ -104,6 +104,7 @@ def verify(
     adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="Reference adapters (default: the manifest's)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of images + prompts.jsonl (default: built-in photos)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Compare only the first N decoder layers (large models)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
 ):
@@ -113,7 +114,7 @@ def verify(
 
     with console.status("verifying..."):
         report = verify_bundle(bundle, base=base, adapters=adapter or None, data=data,
-                               max_new_tokens=max_new_tokens, log=_log)
+                               max_new_tokens=max_new_tokens, layers=layers, log=_log)
     if junit:
         write_junit(report, junit)
     if as_json:

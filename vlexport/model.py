@@ -84,15 +84,21 @@ def facts_from_config(config: dict) -> LlavaFacts:
     )
 
 
-def load_llava(base: Path):
-    """The base model in fp32, eval mode, SDPA attention (exports to plain ONNX ops)."""
+def load_llava(base: Path, num_text_layers: int | None = None):
+    """The base model in fp32, eval mode, SDPA attention (exports to plain ONNX ops).
+
+    num_text_layers loads only the first decoder layers (few-layer parity on machines too small for the model).
+    """
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     check_base_dir(base)
     try:
+        config = AutoConfig.from_pretrained(str(base))
+        if num_text_layers is not None:
+            config.text_config.num_hidden_layers = num_text_layers
         model = LlavaForConditionalGeneration.from_pretrained(
-            str(base), dtype=torch.float32, attn_implementation="sdpa"
+            str(base), config=config, dtype=torch.float32, attn_implementation="sdpa"
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise VlexportError(f"--base '{base}' could not be loaded as LLaVA: {str(e).splitlines()[0]}") from None

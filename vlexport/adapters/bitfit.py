@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import VlexportError
 from .io import check_finite, read_json, read_tensors, sha256_file
-from .keymap import normalize_key, part_of
+from .keymap import keeps_text_layer, normalize_key, part_of
 
 
 @dataclass
@@ -43,6 +43,12 @@ class BitFitAdapter:
             "parts": sorted({part_of(m) for m in self.biases}),
             "merged": True,
         }
+
+    def without_text_layers_from(self, num_layers: int) -> "BitFitAdapter":
+        """The same adapter without biases in decoder layers >= num_layers (for few-layer parity)."""
+        import dataclasses
+
+        return dataclasses.replace(self, biases={k: v for k, v in self.biases.items() if keeps_text_layer(k, num_layers)})
 
     def validate(self, model) -> None:
         import torch

@@ -47,3 +47,16 @@ def part_of(name: str) -> str:
     if name.startswith("model.language_model.embed_tokens"):
         return "embed"
     return "decoder"
+
+
+def text_layer_index(name: str) -> int | None:
+    """N for a name inside model.language_model.layers.N, else None."""
+    prefix = "model.language_model.layers."
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix) :].split(".", 1)[0])
+
+
+def keeps_text_layer(name: str, num_layers: int) -> bool:
+    index = text_layer_index(name)
+    return index is None or index < num_layers

@@ -6,6 +6,7 @@ not by target_modules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..errors import VlexportError
 from .io import check_finite, read_json, read_tensors, sha256_file
-from .keymap import PEFT_PREFIX, normalize_key
+from .keymap import PEFT_PREFIX, keeps_text_layer, normalize_key
 
 # LoraConfig options whose non-default values we merge exactly.
 SUPPORTED_OPTIONS = {
@@ -70,6 +71,14 @@ class LoraAdapter:
             "parts": parts,
             "merged": True,
         }
+
+    def without_text_layers_from(self, num_layers: int) -> "LoraAdapter":
+        """The same adapter without entries in decoder layers >= num_layers (for few-layer parity)."""
+        return dataclasses.replace(
+            self,
+            modules=[m for m in self.modules if keeps_text_layer(m.module, num_layers)],
+            replacements={k: v for k, v in self.replacements.items() if keeps_text_layer(k, num_layers)},
+        )
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self, model) -> None:

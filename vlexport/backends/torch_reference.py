@@ -17,8 +17,11 @@ from ..adapters.lora import LoraAdapter
 from ..model import load_llava
 
 
-def build_reference(base: Path, adapters: list[Adapter]):
-    model = load_llava(base)
+def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None = None):
+    """num_text_layers keeps only the first decoder layers, and the adapter entries that live in them."""
+    model = load_llava(base, num_text_layers)
+    if num_text_layers is not None:
+        adapters = [a.without_text_layers_from(num_text_layers) for a in adapters]
     loras = [a for a in adapters if isinstance(a, LoraAdapter)]
     befts = [a for a in adapters if isinstance(a, BitFitAdapter) and not a.absolute]
     for a in adapters:

@@ -26,6 +26,8 @@ THRESHOLDS = {
     "top1_min": ("decoder", "logits", "top1_agreement", ">="),
     "kl_mean_max": ("decoder", "logits", "kl_mean", "<="),
     "greedy_exact_match": ("generate", "tokens", "exact_match_rate", ">="),
+    # --layers N mode: every present.{i}.key|value of the first N layers
+    "hidden_rel_tol": ("decoder", "present.*", "max_rel_to_scale", "<="),
 }
 
 
@@ -111,17 +113,27 @@ def evaluate(cases: list[dict], thresholds: dict) -> tuple[list[dict], bool]:
     for key, limit in thresholds.items():
         if key not in THRESHOLDS:
             continue
-        part, output, metric, op = THRESHOLDS[key]
-        if metric == "exact_match_rate":
-            value = float(np.mean([c[part][output]["exact"] for c in cases]))
-            worst = next((c["name"] for c in cases if not c[part][output]["exact"]), None)
+        part, pattern, metric, op = THRESHOLDS[key]
+        present = cases[0].get(part, {})
+        if pattern.endswith("*"):
+            outputs = [o for o in present if o.startswith(pattern[:-1])]
         else:
-            values = [(c[part][output][metric], c["name"]) for c in cases]
-            value, worst = (max if op == "<=" else min)(values)
-        passed = value <= limit if op == "<=" else value >= limit
-        checks.append({"part": part, "output": output, "metric": metric, "value": value, "limit": limit,
-                       "op": op, "passed": bool(passed), "worst_case": worst, "threshold": key})
+            outputs = [pattern] if pattern in present else []
+        for output in outputs:
+            checks.append(_check(cases, key, part, output, metric, op, limit))
     return checks, all(c["passed"] for c in checks)
+
+
+def _check(cases, key, part, output, metric, op, limit) -> dict:
+    if metric == "exact_match_rate":
+        value = float(np.mean([c[part][output]["exact"] for c in cases]))
+        worst = next((c["name"] for c in cases if not c[part][output]["exact"]), None)
+    else:
+        values = [(c[part][output][metric], c["name"]) for c in cases]
+        value, worst = (max if op == "<=" else min)(values)
+    passed = value <= limit if op == "<=" else value >= limit
+    return {"part": part, "output": output, "metric": metric, "value": value, "limit": limit,
+            "op": op, "passed": bool(passed), "worst_case": worst, "threshold": key}
 
 
 def _aggregate(cases: list[dict]) -> dict:
@@ -129,7 +141,7 @@ def _aggregate(cases: list[dict]) -> dict:
     worse_is_low = {"cosine", "top1_agreement", "exact", "norm_ratio"}
     out: dict = {}
     for part in ("vision", "decoder", "generate"):
-        for output, first in cases[0][part].items():
+        for output, first in cases[0].get(part, {}).items():
             agg = {}
             for metric, v in first.items():
                 if not isinstance(v, (int, float, bool)) or metric in ("ref_tokens", "test_tokens"):
@@ -152,6 +164,7 @@ def verify_directory(
     adapters: list,
     data: str | Path | None = None,
     max_new_tokens: int = 32,
+    layers: int | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     from transformers import AutoProcessor
@@ -160,18 +173,25 @@ def verify_directory(
     from ..runtime import Bundle
 
     cases_in = folder_cases(data) if data else builtin_cases()
-    bundle = Bundle(bundle_dir, manifest=manifest)
-    model = build_reference(base, adapters)
-    processor = AutoProcessor.from_pretrained(str(base))
+    if layers is not None and not 1 <= layers <= manifest["model"]["num_layers"]:
+        raise VlexportError(f"--layers must be between 1 and the model's {manifest['model']['num_layers']} decoder layers (got {layers})")
     precisions = sorted(set(manifest["target"]["precision"].values()))
     thresholds = {}
     for p in precisions:  # the loosest precision in the bundle sets the bar
         for k, v in manifest["target"]["parity"].get(p, {}).items():
             thresholds[k] = v
-    results = []
-    for case in cases_in:
-        log(f"parity case {case.name}")
-        results.append(run_case(case, bundle, model, processor, max_new_tokens))
+    if layers is not None:
+        from .layers import verify_first_layers
+
+        results = verify_first_layers(bundle_dir, manifest, base, adapters, layers, cases_in, log)
+    else:
+        bundle = Bundle(bundle_dir, manifest=manifest)
+        model = build_reference(base, adapters)
+        processor = AutoProcessor.from_pretrained(str(base))
+        results = []
+        for case in cases_in:
+            log(f"parity case {case.name}")
+            results.append(run_case(case, bundle, model, processor, max_new_tokens))
     checks, passed = evaluate(results, thresholds)
     failed = [c for c in checks if not c["passed"]]
     summary = "all checks passed" if passed else "; ".join(
@@ -189,6 +209,7 @@ def verify_directory(
         "precision": manifest["target"]["precision"],
         "thresholds": thresholds,
         "max_new_tokens": max_new_tokens,
+        "mode": "full" if layers is None else f"first {layers} decoder layers, teacher-forced over the prompt",
         "checks": checks,
         "parts": _aggregate(results),
         "cases": results,
@@ -201,6 +222,7 @@ def verify_bundle(
     adapters: list[str | Path] | None = None,
     data: str | Path | None = None,
     max_new_tokens: int = 32,
+    layers: int | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Verify a finished bundle. Sources default to those recorded in the manifest, checked by fingerprint."""
@@ -231,4 +253,5 @@ def verify_bundle(
             loaded.append(a)
     else:
         loaded = [load_adapter(p) for p in adapters]
-    return verify_directory(bundle_dir, manifest, Path(base), loaded, data=data, max_new_tokens=max_new_tokens, log=log)
+    return verify_directory(bundle_dir, manifest, Path(base), loaded, data=data, max_new_tokens=max_new_tokens,
+                            layers=layers, log=log)

@@ -1,0 +1,96 @@
+"""Few-layer parity (`vlexport verify --layers N`): check a large model on a small machine.
+
+The bundle's decoder graph is cut down to what its first N layers' present.{i}.key|value outputs need (onnx's
+Extractor, weights left in the external data file, so ONNX Runtime maps only those). The reference loads only the
+first N decoder layers. Both are fed the reference's own inputs_embeds (image features written in), teacher-forced
+over the prompt, and every layer's keys and values are compared. Layer i's K/V depend on layers 0..i-1 in full,
+so this checks all but the last layer's attention output and MLP, plus that layer's norm and K/V projections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+
+
+def first_layers_session(decoder_path: Path, num_layers: int):
+    """An ONNX Runtime session for a decoder graph with only present.{0..N-1} outputs. Its weights are still read
+    from the bundle's data file, and only the ones those outputs need."""
+    import onnxruntime as ort
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(decoder_path), load_external_data=False)
+    inputs = ["inputs_embeds", "attention_mask", "position_ids"]
+    outputs = []
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    sub = Extractor(model).extract_model(inputs, outputs)
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(decoder_path.parent))
+    return ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _reference_embeds_and_kv(model, inputs, num_layers: int):
+    import torch
+
+    from .verify import _reference_features
+
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    feats = _reference_features(model, inputs["pixel_values"])
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        embeds = llava.model.get_input_embeddings()(ids)
+        mask = (ids == llava.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, torch.from_numpy(feats).to(embeds.dtype))
+        out = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True)
+    kv = {}
+    for i in range(num_layers):
+        kv[f"present.{i}.key"] = out.cache.layers[i].keys.numpy()
+        kv[f"present.{i}.value"] = out.cache.layers[i].values.numpy()
+    return embeds.numpy(), feats, kv
+
+
+def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int) -> dict:
+    text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
+    inputs = processor(images=case.image, text=text, return_tensors="pt")
+    embeds, ref_feats, ref_kv = _reference_embeds_and_kv(model, inputs, num_layers)
+    features = bundle.image_features(bundle.pixel_values(case.image))
+    vision = {"cosine": metrics.cosine(ref_feats, features), "norm_ratio": metrics.norm_ratio(ref_feats, features),
+              "scale": float(np.abs(ref_feats).max()), **metrics.error_stats(ref_feats, features)}
+    vision["max_rel_to_scale"] = vision["max_abs"] / max(vision["scale"], 1e-12)
+    n = embeds.shape[1]
+    feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
+    empty = bundle.empty_past()
+    feed.update({k: v for k, v in empty.items() if int(k.split(".")[1]) < num_layers})
+    names = list(ref_kv)
+    got = dict(zip(names, sub_session.run(names, feed)))
+    decoder = {}
+    for name in names:
+        ref, test = ref_kv[name], got[name]
+        stats = metrics.error_stats(ref, test)
+        scale = float(np.abs(ref).max())
+        decoder[name] = {"cosine": metrics.cosine(ref, test), "scale": scale,
+                         "max_rel_to_scale": stats["max_abs"] / max(scale, 1e-12), **stats}
+    return {"name": case.name, "prompt": text, "vision": {"image_features": vision}, "decoder": decoder}
+
+
+def verify_first_layers(bundle_dir: Path, manifest: dict, base: Path, adapters: list, num_layers: int, cases, log) -> dict:
+    from transformers import AutoProcessor
+
+    from ..backends.torch_reference import build_reference
+    from ..runtime import Bundle
+
+    bundle = Bundle(bundle_dir, manifest=manifest)
+    model = build_reference(base, adapters, num_text_layers=num_layers)
+    processor = AutoProcessor.from_pretrained(str(base))
+    session = first_layers_session(Path(bundle_dir) / manifest["parts"]["decoder"]["file"], num_layers)
+    results = []
+    for case in cases:
+        log(f"few-layer parity case {case.name}")
+        results.append(run_layers_case(case, bundle, model, processor, session, num_layers))
+    return results
