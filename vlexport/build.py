@@ -14,6 +14,7 @@ from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import VlexportError
 from .export.onnx import check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
+from .plan import check_fits, plan_memory
 from .target import load_target
 
 
@@ -79,6 +80,22 @@ def _eos_ids(base: Path, facts) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
+def check_buildable(target) -> None:
+    """Precisions this version can produce for the target's backend."""
+    if target.backend == "onnxruntime":
+        lower = {p: v for p, v in target.precision.items() if v != "fp32"}
+        if lower:
+            raise VlexportError(
+                f"target '{target.name}' asks for {', '.join(f'{p}={v}' for p, v in lower.items())} on ONNX Runtime; "
+                "this version builds FP32 ONNX Runtime parts only: use --target cpu, or plan with `vlexport plan`"
+            )
+    elif "int8" in target.precision.values():
+        raise VlexportError(
+            f"target '{target.name}' asks for INT8 TensorRT engines, which need a calibrated Q/DQ graph that this "
+            "version does not make yet; use --precision vision=fp16,embed=fp16,decoder=fp16"
+        )
+
+
 def build(
     base: str | Path,
     adapters: list[str | Path] = (),
@@ -87,13 +104,17 @@ def build(
     force: bool = False,
     adapter_kind: str | None = None,
     verify: bool = True,
+    precision: dict | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`."""
     base, out = Path(base), Path(out)
     check_output_path(out, force)
     config = check_base_dir(base)
-    prof = load_target(target)
+    prof = load_target(target).with_precision(precision or {})
+    check_buildable(prof)
+    memory = plan_memory(config, prof)
+    check_fits(memory, config, prof)
     facts = facts_from_config(config)
     assets = read_text_assets(base)
     loaded = [load_adapter(p, adapter_kind) for p in adapters]
@@ -114,7 +135,8 @@ def build(
             check = check_part(spec, path, rel_tol)
             seconds = time.perf_counter() - t
             stages[f"export_{spec.name}"] = {"seconds": seconds}
-            parts[spec.name] = {"file": path.name, "precision": prof.precision[spec.name], **onnx_io(path), "export_check": check}
+            # The ONNX parts are FP32; a TensorRT target's lower precision is applied when its engines are built.
+            parts[spec.name] = {"file": path.name, "precision": "fp32", **onnx_io(path), "export_check": check}
             log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
         del model
 
@@ -128,6 +150,7 @@ def build(
             "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
             "adapters": [a.describe() for a in loaded],
             "target": prof.to_dict(),
+            "memory_plan": memory.to_dict(),
             "parts": parts,
             "model": {
                 "image_token_id": facts.image_token_id,
@@ -164,6 +187,10 @@ def build(
                 from .errors import ParityError
 
                 raise ParityError(f"parity check failed: {report['summary']}; the bundle was not written")
+        if prof.backend == "tensorrt":
+            from .engines import plan_engines
+
+            manifest["engines"] = plan_engines(tmp, manifest, prof, log)
         manifest = write_manifest(tmp, manifest)
     log(f"bundle written to {out}")
     return manifest

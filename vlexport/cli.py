@@ -52,13 +52,20 @@ def build(
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the parity check against PyTorch (default on)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Override the target per part: vision=fp16,decoder=fp16."),
 ):
     """Merge adapters into the base, export vision/embed/decoder to ONNX, check them and write a bundle."""
     from .build import build as run_build
+    from .target import parse_precision_overrides
 
     with console.status("building bundle..."):
         manifest = run_build(base, adapter, output, target=target, force=force, adapter_kind=adapter_kind,
-                             verify=verify, log=_log)
+                             verify=verify, precision=parse_precision_overrides(precision), log=_log)
+    engines = manifest.get("engines")
+    if engines and engines["status"] == "planned":
+        out.print(f"[yellow]TensorRT engines were not built on this machine[/] ({engines['reason']}). "
+                  f"Build them on the device: `bash {output}/engines/build.sh` or `vlexport engines {output}`.",
+                  highlight=False)
     parity = manifest.get("parity")
     note = "parity passed" if parity and parity["passed"] else "parity not checked (--no-verify)"
     out.print(f"[green]bundle written:[/] {output} ({note})")
@@ -165,25 +172,116 @@ def inspect(
 
 @app.command()
 def targets():
-    """List the shipped target profiles."""
+    """List the shipped target profiles (--target NAME, or pass your own .toml)."""
+    from rich.table import Table
+
     from .target import available_targets, load_target
 
+    table = Table("name", "backend", "device", "sm", "TensorRT", "usable GiB", "GB/s", "DLA", "precision v/e/d")
     for name in available_targets():
         t = load_target(name)
-        out.print(f"{name:12s} {t.backend:12s} {t.description}")
+        table.add_row(name, t.backend, t.device, t.compute_capability or "-", ",".join(t.tensorrt_versions) or "-",
+                      f"{t.usable_memory_gb}" if t.usable_memory_gb else "-",
+                      f"{t.memory_bandwidth_gbs:g}" if t.memory_bandwidth_gbs else "-", str(t.dla_cores),
+                      "/".join(t.precision[p] for p in ("vision", "embed", "decoder")))
+    out.print(table)
+
+
+@app.command()
+@_handle_errors
+def plan(
+    base: Path = typer.Option(..., "--base", help="LLaVA directory; only config.json is read."),
+    target: str = typer.Option(..., "--target"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Override per part: vision=fp16,decoder=int8."),
+    context: Optional[int] = typer.Option(None, "--context", help="Max context (default: the target's)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Will the model fit the target's memory? Exit 2 with what would fit if it does not."""
+    from rich.table import Table
+
+    from .model import check_config_dir
+    from .plan import check_fits, plan_memory
+    from .target import load_target, parse_precision_overrides
+
+    config = check_config_dir(base)
+    prof = load_target(target).with_precision(parse_precision_overrides(precision))
+    memory = plan_memory(config, prof, context=context)
+    if as_json:
+        print(json.dumps(memory.to_dict()))
+    else:
+        table = Table("item", "GiB", title=f"memory plan: {base} on {prof.name} ({prof.device})")
+        for part, gib in memory.weights_gib.items():
+            table.add_row(f"weights {part} ({memory.precision[part]})", f"{gib:.2f}")
+        table.add_row(f"KV cache (context {memory.context}, batch {memory.batch})", f"{memory.kv_cache_gib:.2f}")
+        table.add_row("activations (peak, estimate)", f"{memory.activations_gib:.2f}")
+        table.add_row("adapter packs", f"{memory.adapters_gib:.2f}")
+        table.add_row("runtime overhead", f"{memory.overhead_gib:.2f}")
+        table.add_row("[bold]total[/]", f"[bold]{memory.total_gib:.2f}[/]")
+        table.add_row("usable on target", "-" if memory.usable_gib is None else f"{memory.usable_gib:.2f}")
+        out.print(table)
+    check_fits(memory, config, prof)
+    if not as_json:
+        out.print("[green]fits[/]")
+
+
+@app.command()
+@_handle_errors
+def engines(
+    bundle: Path = typer.Argument(...),
+    adopt: bool = typer.Option(False, "--adopt", help="Record engines that engines/build.sh already built."),
+):
+    """On the device: build the bundle's TensorRT engines (or adopt trtexec's) and update the manifest."""
+    from .engines import build_engines_on_device
+
+    build_engines_on_device(bundle, adopt, _log)
+    out.print(f"[green]engines recorded in {bundle}/manifest.json[/]")
+
+
+@app.command("check-trt")
+@_handle_errors
+def check_trt(
+    bundle: Path = typer.Argument(...),
+    trt_version: str = typer.Option("10.3", "--trt-version", help="TensorRT version whose ONNX import rules apply."),
+    target: Optional[str] = typer.Option(None, "--target", help="Shape ranges from this target (default: the bundle's)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Check every part against TensorRT's ONNX import rules (ops, dtypes, profiles) without TensorRT. Exit 1 on a violation."""
+    from .bundle import read_manifest
+    from .target import Target, load_target
+    from .trt.onnx_rules import check_bundle
+
+    manifest = read_manifest(bundle)
+    prof = load_target(target) if target else Target.from_dict(manifest["target"])
+    found = check_bundle(bundle, manifest, trt_version, prof.shapes)
+    violations = [v for vs in found.values() for v in vs]
+    if as_json:
+        print(json.dumps({"trt_version": trt_version, "passed": not violations,
+                          "violations": [v.__dict__ for v in violations]}))
+    else:
+        for part, vs in found.items():
+            status = "[green]ok[/]" if not vs else f"[red]{len(vs)} violation(s)[/]"
+            out.print(f"{part}: {status}")
+            for v in vs:
+                out.print(f"  [{v.rule}] {v.message}", highlight=False)
+    if violations:
+        raise typer.Exit(1)
 
 
 @fixture_app.command("llava")
 @_handle_errors
 def fixture_llava(
     out_dir: Path = typer.Argument(...),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa | 7b-shaped"),
     seed: int = typer.Option(0, "--seed"),
+    config_only: bool = typer.Option(False, "--config-only", help="Write config.json only (enough for `vlexport plan`)."),
 ):
     """A seeded random LLaVA in the Hugging Face layout."""
-    from .fixture import make_llava
+    from .fixture import make_llava, write_llava_config
 
-    make_llava(out_dir, preset, seed)
+    if config_only:
+        write_llava_config(out_dir, preset)
+    else:
+        make_llava(out_dir, preset, seed)
     out.print(f"wrote {preset} LLaVA to {out_dir}")
 
 

@@ -48,7 +48,10 @@ PRESETS = {
     # ViT-B/14 at 224 and a 12-layer, 768-wide Llama: LLaVA-1.5's ratios at about 1/50 of its size.
     "small": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 12, 2048, 32064),
     "small-gqa": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 4, 2048, 32064),
+    # llava-hf/llava-1.5-7b-hf's public dimensions: CLIP ViT-L/14 at 336, Llama-2-7B. Config only for now.
+    "7b-shaped": Preset(1024, 24, 16, 4096, 336, 14, 4096, 32, 32, 32, 11008, 32064, dtype="float16"),
 }
+CONFIG_ONLY = {"7b-shaped"}
 
 _SYLLABLES = [
     c + v
@@ -101,32 +104,16 @@ def build_tokenizer(vocab_size: int, seed: int):
 def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a complete llava-hf style directory: config, safetensors, tokenizer, processor, chat template."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
     if preset not in PRESETS:
         raise VlexportError(f"unknown fixture preset '{preset}': choose one of {', '.join(PRESETS)}")
+    if preset in CONFIG_ONLY:
+        raise VlexportError(f"preset '{preset}' is written as config.json only for now: pass --config-only")
     p = PRESETS[preset]
     out = Path(out_dir)
 
     raw_tok = build_tokenizer(p.vocab_size, seed)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw_tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token=PAD_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        add_bos_token=True,
-        clean_up_tokenization_spaces=False,
-    )
     # Llama prepends <s>; byte-level BPE has no post-processor for it, so add one explicitly.
     from tokenizers import processors
 
@@ -143,44 +130,8 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         clean_up_tokenization_spaces=False,
     )
-    image_token_id = raw_tok.token_to_id(IMAGE_TOKEN)
-
-    vision = CLIPVisionConfig(
-        hidden_size=p.vision_hidden,
-        intermediate_size=p.vision_intermediate,
-        num_hidden_layers=p.vision_layers,
-        num_attention_heads=p.vision_heads,
-        image_size=p.image_size,
-        patch_size=p.patch_size,
-        projection_dim=p.text_hidden,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-    text = LlamaConfig(
-        hidden_size=p.text_hidden,
-        intermediate_size=p.text_intermediate,
-        num_hidden_layers=p.text_layers,
-        num_attention_heads=p.text_heads,
-        num_key_value_heads=p.text_kv_heads,
-        vocab_size=p.vocab_size,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=raw_tok.token_to_id("<s>"),
-        eos_token_id=raw_tok.token_to_id("</s>"),
-        pad_token_id=raw_tok.token_to_id(PAD_TOKEN),
-        tie_word_embeddings=False,
-    )
-    n_patches = (p.image_size // p.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=n_patches,
-        tie_word_embeddings=False,
-    )
+    config = llava_config(p, image_token_id=raw_tok.token_to_id(IMAGE_TOKEN), bos=raw_tok.token_to_id("<s>"),
+                          eos=raw_tok.token_to_id("</s>"), pad=raw_tok.token_to_id(PAD_TOKEN))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -206,6 +157,61 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
+    return out
+
+
+def llava_config(p: Preset, image_token_id: int, bos: int = 1, eos: int = 2, pad: int | None = None):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_intermediate,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.text_hidden,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
+        vocab_size=p.vocab_size,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+    n_patches = (p.image_size // p.patch_size) ** 2
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=n_patches,
+        tie_word_embeddings=False,
+        dtype=p.dtype,
+    )
+
+
+def write_llava_config(out_dir: str | Path, preset: str) -> Path:
+    """config.json alone: enough for `vlexport plan`, no weights."""
+    if preset not in PRESETS:
+        raise VlexportError(f"unknown fixture preset '{preset}': choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # llava-hf numbers its image token after the 32000 Llama tokens.
+    image_token = 32000 if p.vocab_size > 32000 else p.vocab_size - 2
+    llava_config(p, image_token_id=image_token, pad=image_token + 1).save_pretrained(out)
     return out
 
 

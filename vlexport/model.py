@@ -35,7 +35,15 @@ class LlavaFacts:
 
 
 def check_base_dir(base: Path) -> dict:
-    """Return config.json of a LLaVA directory, or raise a clear error naming what is wrong."""
+    """Return config.json of a LLaVA directory with weights, or raise a clear error naming what is wrong."""
+    config = check_config_dir(base)
+    if not list(Path(base).glob("*.safetensors")):
+        raise VlexportError(f"--base '{base}' has no *.safetensors weights; convert .bin checkpoints with safetensors first")
+    return config
+
+
+def check_config_dir(base: Path) -> dict:
+    """config.json of a LLaVA directory (weights not needed)."""
     base = Path(base)
     if not base.is_dir():
         raise VlexportError(f"--base '{base}' is not a directory; pass a Hugging Face LLaVA directory (config.json + safetensors)")
@@ -51,8 +59,6 @@ def check_base_dir(base: Path) -> dict:
             f"--base '{base}' is a '{config.get('model_type')}' model, not LLaVA (config.json model_type must be "
             "'llava'); vlexport exports llava-hf style checkpoints"
         )
-    if not list(base.glob("*.safetensors")):
-        raise VlexportError(f"--base '{base}' has no *.safetensors weights; convert .bin checkpoints with safetensors first")
     return config
 
 

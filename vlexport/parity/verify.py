@@ -24,6 +24,7 @@ THRESHOLDS = {
     "vision_cosine_min": ("vision", "image_features", "cosine", ">="),
     "logit_rel_tol": ("decoder", "logits", "max_rel_logit_diff", "<="),
     "top1_min": ("decoder", "logits", "top1_agreement", ">="),
+    "logit_cosine_min": ("decoder", "logits", "cosine", ">="),
     "kl_mean_max": ("decoder", "logits", "kl_mean", "<="),
     "greedy_exact_match": ("generate", "tokens", "exact_match_rate", ">="),
     # --layers N mode: every present.{i}.key|value of the first N layers
@@ -107,6 +108,18 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int) -> dict:
     }
 
 
+def thresholds_for(manifest: dict) -> dict:
+    """Each threshold from the [parity.<precision>] section of the precision its part has in this bundle."""
+    parity = manifest["target"]["parity"]
+    precision = {name: part["precision"] for name, part in manifest["parts"].items()}
+    out = {}
+    for key, (part, *_rest) in THRESHOLDS.items():
+        section = parity.get(precision.get(part, precision["decoder"]), {})  # generate follows the decoder
+        if key in section:
+            out[key] = section[key]
+    return out
+
+
 def evaluate(cases: list[dict], thresholds: dict) -> tuple[list[dict], bool]:
     """One check per threshold; each names the part, output, metric, worst case and the bound."""
     checks = []
@@ -175,11 +188,7 @@ def verify_directory(
     cases_in = folder_cases(data) if data else builtin_cases()
     if layers is not None and not 1 <= layers <= manifest["model"]["num_layers"]:
         raise VlexportError(f"--layers must be between 1 and the model's {manifest['model']['num_layers']} decoder layers (got {layers})")
-    precisions = sorted(set(manifest["target"]["precision"].values()))
-    thresholds = {}
-    for p in precisions:  # the loosest precision in the bundle sets the bar
-        for k, v in manifest["target"]["parity"].get(p, {}).items():
-            thresholds[k] = v
+    thresholds = thresholds_for(manifest)
     if layers is not None:
         from .layers import verify_first_layers
 
@@ -206,7 +215,7 @@ def verify_directory(
             "adapters": [{"path": str(a.path), "kind": a.kind, "format": a.format} for a in adapters],
             "method": "PyTorch fp32, adapters unmerged (PEFT for LoRA/BEFT; BitFit biases as trained parameters)",
         },
-        "precision": manifest["target"]["precision"],
+        "precision": {name: part["precision"] for name, part in manifest["parts"].items()},
         "thresholds": thresholds,
         "max_new_tokens": max_new_tokens,
         "mode": "full" if layers is None else f"first {layers} decoder layers, teacher-forced over the prompt",

@@ -1,0 +1,181 @@
+"""Target profiles, the memory planner and the TensorRT build plan (engines/build.sh), on a machine without TensorRT."""
+
+import json
+import shlex
+
+import pytest
+from typer.testing import CliRunner
+
+from vlexport.cli import app
+from vlexport.target import available_targets, load_target
+from vlexport.trt.trtexec import options_for
+
+SHIPPED = {"cpu", "cpu-fp16", "cpu-int8", "jetson-orin", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb",
+           "jetson-orin-nano-8gb", "gpu-turing", "gpu-ampere", "gpu-ada", "gpu-hopper"}
+
+
+def test_shipped_profiles_load():
+    assert SHIPPED <= set(available_targets())
+    for name in SHIPPED:
+        t = load_target(name)
+        assert t.name == name
+        if t.backend == "tensorrt":
+            assert t.compute_capability and t.tensorrt_versions and t.usable_memory_gb and t.memory_bandwidth_gbs
+    orin = load_target("jetson-orin")
+    assert orin.compute_capability == "8.7" and orin.dla_cores == 2 and orin.builder["dla_vision"]
+    assert load_target("jetson-orin-nano-8gb").dla_cores == 0
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t.replace('backend = "tensorrt"', 'backend = "openvino"'), "backend 'openvino'"),
+    (lambda t: t.replace('decoder = "fp16"', 'decoder = "fp8"'), "precision.decoder"),
+    (lambda t: t.replace("prompt_tokens = [1, 640, 2048]", "prompt_tokens = [1, 4096, 2048]"), "shapes.prompt_tokens"),
+    (lambda t: t.replace("optimization_level = 3", "optimization_level = 9"), "optimization_level"),
+    (lambda t: t.replace('compute_capability = "8.7"\n', ""), "compute_capability"),
+])
+def test_bad_profile_is_refused(tmp_path, edit, needle):
+    from vlexport.errors import VlexportError
+    from vlexport.target import TARGETS_DIR
+
+    bad = tmp_path / "mine.toml"
+    bad.write_text(edit((TARGETS_DIR / "jetson-orin.toml").read_text()))
+    with pytest.raises(VlexportError, match="mine.toml") as e:
+        load_target(str(bad))
+    assert needle in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def llava7b_config(tmp_path_factory):
+    from vlexport.fixture import write_llava_config
+
+    return write_llava_config(tmp_path_factory.mktemp("7b") / "llava-1.5-7b", "7b-shaped")
+
+
+def test_7b_parameter_count(llava7b_config):
+    from vlexport.plan import parameter_counts
+
+    counts = parameter_counts(json.loads((llava7b_config / "config.json").read_text()))
+    # Llama-2-7B is 6.74B with embeddings; CLIP ViT-L/14-336 up to layer 23 plus the projector is ~0.31B.
+    assert 6.7e9 < counts["decoder"] + counts["embed"] < 6.8e9
+    assert 0.29e9 < counts["vision"] < 0.33e9
+
+
+def test_parameter_count_is_exact_on_fixture(tiny_base):
+    from vlexport.export.parts import DecoderPart, EmbedPart, VisionPart
+    from vlexport.model import load_llava
+    from vlexport.plan import parameter_counts
+
+    model = load_llava(tiny_base)
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    counts = parameter_counts(json.loads((tiny_base / "config.json").read_text()))
+    assert counts["vision"] == n(VisionPart(model))
+    assert counts["embed"] == n(EmbedPart(model))
+    assert counts["decoder"] == n(DecoderPart(model)) - counts["embed"]  # the decoder graph takes embeddings
+
+
+def test_plan_7b_fits_orin_fp16(llava7b_config):
+    r = CliRunner().invoke(app, ["plan", "--base", str(llava7b_config), "--target", "jetson-orin", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["fits"] and plan["precision"]["decoder"] == "fp16"
+    assert 12 < plan["weights_gib"]["decoder"] < 13 and plan["total_gib"] < plan["usable_gib"]
+
+
+def test_plan_7b_refused_on_orin_nano(llava7b_config):
+    r = CliRunner().invoke(app, ["plan", "--base", str(llava7b_config), "--target", "jetson-orin-nano-8gb"])
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "does not fit target 'jetson-orin-nano-8gb'" in text and "6.6 GiB is usable" in text
+    assert "KV cache" in text and "It would fit with" in text and "context 2048" in text
+
+
+def test_plan_precision_override_and_bad_override(llava7b_config):
+    r = CliRunner().invoke(app, ["plan", "--base", str(llava7b_config), "--target", "jetson-orin", "--precision", "decoder=int8", "--json"])
+    assert r.exit_code == 0 and 6 < json.loads(r.stdout)["weights_gib"]["decoder"] < 6.5
+    r = CliRunner().invoke(app, ["plan", "--base", str(llava7b_config), "--target", "jetson-orin", "--precision", "decoder=int3"])
+    assert r.exit_code == 2 and "--precision decoder=int3" in r.output
+
+
+@pytest.fixture(scope="module")
+def orin_bundle(tiny_base, full_lora, tmp_path_factory):
+    out = tmp_path_factory.mktemp("orin") / "bundle"
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(full_lora), "--target", "jetson-orin", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "TensorRT engines were not built on this machine" in " ".join(r.output.split())
+    return out
+
+
+def test_orin_build_writes_parts_plan_and_script(orin_bundle):
+    manifest = json.loads((orin_bundle / "manifest.json").read_text())
+    assert set(manifest["parts"]) == {"vision", "embed", "decoder"}
+    assert manifest["memory_plan"]["fits"] and manifest["memory_plan"]["target"] == "jetson-orin"
+    engines = manifest["engines"]
+    assert engines["status"] == "planned" and "tensorrt" in engines["reason"].lower()
+    assert engines["parts"]["vision"]["dla_core"] == 0 and engines["parts"]["decoder"]["precision"] == "fp16"
+    assert len(engines["parts"]["decoder"]["profiles"]) == 2  # context + generation
+    assert (orin_bundle / "engines" / "build.sh").exists() and manifest["files"]["engines/build.sh"]
+    assert manifest["parity"]["passed"]  # the FP32 ONNX parts were verified here
+
+
+def _trtexec_lines(script):
+    return [shlex.split(line)[1:] for line in script.read_text().splitlines() if line.startswith('"$TRTEXEC"')]
+
+
+def test_trtexec_plan_uses_documented_flags_and_covers_inputs(orin_bundle):
+    manifest = json.loads((orin_bundle / "manifest.json").read_text())
+    allowed = options_for("10.3")
+    lines = _trtexec_lines(orin_bundle / "engines" / "build.sh")
+    assert len(lines) == 3
+    for argv in lines:
+        for a in argv:
+            assert a.split("=", 1)[0] in allowed, a
+        part = argv[0].split("=", 1)[1].removesuffix(".onnx")
+        assert (orin_bundle / f"{part}.onnx").exists()
+        assert "--fp16" in argv and "--skipInference" in argv
+        assert any(a.startswith("--memPoolSize=workspace:") and a.endswith("M") for a in argv)
+        inputs = {i["name"]: i["shape"] for i in manifest["parts"][part]["inputs"]}
+        groups = [a for a in argv if a.startswith(("--minShapes=", "--optShapes=", "--maxShapes="))]
+        assert len(groups) == 3 * len(manifest["engines"]["parts"][part]["profiles"])
+        for group in zip(*[iter(groups)] * 3):
+            parsed = []
+            for spec in group:
+                shapes = {}
+                for item in spec.split("=", 1)[1].split(","):
+                    name, dims = item.rsplit(":", 1)
+                    shapes[name.strip("'")] = [int(d) for d in dims.split("x")]
+                assert set(shapes) == set(inputs), spec
+                parsed.append(shapes)
+            for name, shape in inputs.items():
+                lo, opt, hi = (p[name] for p in parsed)
+                assert len(lo) == len(shape) and all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+                for d, a, c in zip(shape, lo, hi):
+                    if isinstance(d, int):
+                        assert a == c == d
+        if part == "vision":
+            assert "--useDLACore=0" in argv and "--allowGPUFallback" in argv
+        if part == "decoder":
+            assert [a for a in argv if a.startswith("--profile=")] == ["--profile=0", "--profile=1"]
+
+
+def test_trtexec_8_6_gets_one_profile_and_mib():
+    from vlexport.trt.trtexec import part_command
+
+    p0 = {"x": ((1, 4), (1, 8), (1, 16))}
+    p1 = {"x": ((1, 1), (1, 1), (1, 1))}
+    argv = part_command("decoder", "decoder.onnx", "fp16", [p0, p1], "8.6", {"workspace_gb": 2}, False)
+    assert not any(a.startswith("--profile") for a in argv)
+    assert "--minShapes='x':1x1" in argv and "--maxShapes='x':1x16" in argv
+    assert "--memPoolSize=workspace:2048" in argv
+    assert all(a.split("=", 1)[0] in options_for("8.6") for a in argv[1:])
+
+
+def test_build_refuses_what_it_cannot_make(tmp_path, tiny_base):
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--target", "cpu-int8", "-o", str(tmp_path / "o"), "--no-verify"])
+    assert r.exit_code == 2 and "cpu-int8" in r.output and not (tmp_path / "o").exists()
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--target", "jetson-orin", "--precision", "decoder=int8", "-o", str(tmp_path / "o"), "--no-verify"])
+    assert r.exit_code == 2 and "INT8" in r.output and not (tmp_path / "o").exists()
+
+
+def test_engines_command_without_tensorrt(orin_bundle):
+    r = CliRunner().invoke(app, ["engines", str(orin_bundle)])
+    assert r.exit_code == 2 and "TensorRT" in r.output

@@ -1,0 +1,138 @@
+"""Memory planner: will this model fit the target? Works from config.json alone (no weights needed).
+
+Counts, per part and precision: weights (exactly, from the architecture), the KV cache at the target's max context
+and batch, peak activations (prefill logits, attention scores and MLP intermediates, or the vision tower, whichever
+is larger), adapter packs, and the runtime's fixed overhead; compares the total with the target's usable memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import VlexportError
+from .model import facts_from_config
+from .target import Target
+
+BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+GIB = 1024**3
+
+
+def parameter_counts(config: dict) -> dict[str, int]:
+    """Parameters of each exported part (vision counts only the CLIP layers LLaVA reads)."""
+    from .export.parts import _feature_indices
+
+    facts = facts_from_config(config)
+    v = config["vision_config"]
+    hv, iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+    patch, size = v.get("patch_size", 14), v.get("image_size", 224)
+    n_pos = (size // patch) ** 2 + 1
+    layers_run = max(_feature_indices(facts.vision_feature_layer, nv))
+    n_feature_layers = len(facts.vision_feature_layer) if isinstance(facts.vision_feature_layer, list) else 1
+    per_vision_layer = 4 * (hv * hv + hv) + 4 * hv + (hv * iv + iv) + (iv * hv + hv)
+    vision = 3 * patch * patch * hv + hv + n_pos * hv + 2 * hv + layers_run * per_vision_layer
+    ht = facts.hidden_size
+    t = config["text_config"]
+    it = t["intermediate_size"]
+    projector = (hv * n_feature_layers * ht + ht) + (ht * ht + ht)
+    kv_dim = facts.num_kv_heads * facts.head_dim
+    q_dim = facts.num_heads * facts.head_dim
+    bias = 1 if t.get("attention_bias") else 0
+    per_layer = (ht * q_dim + q_dim * bias) + 2 * (ht * kv_dim + kv_dim * bias) + (q_dim * ht) + 3 * ht * it + 2 * ht
+    decoder = facts.num_layers * per_layer + ht + facts.vocab_size * ht  # + final norm + lm_head
+    embed = facts.vocab_size * ht
+    return {"vision": vision + projector, "embed": embed, "decoder": decoder}
+
+
+@dataclass
+class MemoryPlan:
+    target: str
+    precision: dict
+    weights_gib: dict
+    kv_cache_gib: float
+    activations_gib: float
+    adapters_gib: float
+    overhead_gib: float
+    usable_gib: float | None
+    context: int
+    batch: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.weights_gib.values()) + self.kv_cache_gib + self.activations_gib + self.adapters_gib + self.overhead_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.usable_gib is None or self.total_gib <= self.usable_gib
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target, "precision": self.precision,
+            "weights_gib": {k: round(v, 4) for k, v in self.weights_gib.items()},
+            "kv_cache_gib": round(self.kv_cache_gib, 4), "activations_gib": round(self.activations_gib, 4),
+            "adapters_gib": round(self.adapters_gib, 4), "overhead_gib": round(self.overhead_gib, 4),
+            "total_gib": round(self.total_gib, 4), "usable_gib": self.usable_gib, "fits": self.fits,
+            "context": self.context, "batch": self.batch, "notes": self.notes,
+        }
+
+
+def plan_memory(config: dict, target: Target, precision: dict | None = None, context: int | None = None,
+                adapter_bytes: int = 0) -> MemoryPlan:
+    precision = precision or target.precision
+    facts = facts_from_config(config)
+    counts = parameter_counts(config)
+    weights = {part: counts[part] * BYTES[precision[part]] / GIB for part in counts}
+    batch = target.shapes["batch"][2]
+    context = context or target.shapes["context"]
+    prompt = min(target.shapes["prompt_tokens"][2], context)
+    act_bytes = 2.0 if precision["decoder"] != "fp32" else 4.0  # KV and activations stay FP16 under INT8 weights
+    kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * context * batch * act_bytes / GIB
+    it = config["text_config"]["intermediate_size"]
+    # Prefill peak: fp32 logits for every prompt position, one layer's attention scores, MLP intermediates.
+    prefill = batch * (prompt * facts.vocab_size * 4 + facts.num_heads * prompt * prompt * act_bytes
+                       + 4 * prompt * max(it, facts.hidden_size) * act_bytes)
+    v = config["vision_config"]
+    images = batch * target.shapes["images"][2]
+    n_tok = (v.get("image_size", 224) // v.get("patch_size", 14)) ** 2 + 1
+    vision_peak = images * (v.get("num_attention_heads", 16) * n_tok * n_tok + 4 * n_tok * v["intermediate_size"]) * (
+        4.0 if precision["vision"] == "fp32" else 2.0)
+    plan = MemoryPlan(
+        target=target.name, precision=dict(precision), weights_gib=weights, kv_cache_gib=kv,
+        activations_gib=max(prefill, vision_peak) / GIB, adapters_gib=adapter_bytes / GIB,
+        overhead_gib=target.runtime_overhead_gb, usable_gib=target.usable_memory_gb, context=context, batch=batch,
+    )
+    plan.notes.append("weights counted exactly from the architecture; activations are an upper estimate")
+    return plan
+
+
+def alternatives(config: dict, target: Target) -> list[str]:
+    """Settings under which the model would fit, most faithful first."""
+    options = []
+    contexts = sorted({target.shapes["context"], 4096, 2048, 1024, 512}, reverse=True)
+    for label, prec in (
+        ("fp16 everywhere", {"vision": "fp16", "embed": "fp16", "decoder": "fp16"}),
+        ("int8 decoder and embed, fp16 vision", {"vision": "fp16", "embed": "int8", "decoder": "int8"}),
+        ("int4 weight-only decoder and embed (not built by vlexport yet)", {"vision": "fp16", "embed": "int4", "decoder": "int4"}),
+    ):
+        for ctx in contexts:
+            if ctx > target.shapes["context"] or ctx < target.shapes["prompt_tokens"][0]:
+                continue
+            p = plan_memory(config, target, prec, context=ctx)
+            if p.fits:
+                options.append(f"{label} at context {ctx}: {p.total_gib:.1f} GiB")
+                break
+    return options
+
+
+def check_fits(plan: MemoryPlan, config: dict, target: Target) -> None:
+    if plan.fits:
+        return
+    w = ", ".join(f"{k} {v:.2f}" for k, v in plan.weights_gib.items())
+    would = alternatives(config, target)
+    raise VlexportError(
+        f"the model does not fit target '{target.name}' ({target.device}): it needs {plan.total_gib:.1f} GiB "
+        f"(weights {w}; KV cache {plan.kv_cache_gib:.2f} at context {plan.context}, batch {plan.batch}; activations "
+        f"{plan.activations_gib:.2f}; runtime {plan.overhead_gib:.2f}) but {plan.usable_gib:.1f} GiB is usable. "
+        + (f"It would fit with: {'; '.join(would)}." if would else
+           "No precision or context vlexport can plan makes it fit: choose a device with more memory or a smaller model.")
+    )
