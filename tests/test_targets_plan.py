@@ -179,3 +179,34 @@ def test_build_refuses_what_it_cannot_make(tmp_path, tiny_base):
 def test_engines_command_without_tensorrt(orin_bundle):
     r = CliRunner().invoke(app, ["engines", str(orin_bundle)])
     assert r.exit_code == 2 and "TensorRT" in r.output
+
+
+def test_check_trt_cli_passes_real_bundle_and_fails_planted_op(orin_bundle, tmp_path):
+    import onnx
+    from onnx import helper
+
+    r = CliRunner().invoke(app, ["check-trt", str(orin_bundle), "--trt-version", "10.3", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["passed"]
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    for f in orin_bundle.iterdir():
+        (planted / f.name).symlink_to(f)
+    (planted / "decoder.onnx").unlink()
+    model = onnx.load(str(orin_bundle / "decoder.onnx"), load_external_data=False)
+    model.graph.node.append(helper.make_node("MatMulInteger", ["inputs_embeds", "inputs_embeds"], ["planted_out"], name="planted"))
+    model.graph.output.append(helper.make_tensor_value_info("planted_out", onnx.TensorProto.INT32, None))
+    onnx.save(model, str(planted / "decoder.onnx"))
+    from vlexport.adapters.io import sha256_file
+    from vlexport.trt.onnx_rules import check_onnx
+
+    violations = check_onnx("decoder", planted / "decoder.onnx", "10.3")
+    assert [v.rule for v in violations] == ["unsupported-op"] and "MatMulInteger" in violations[0].message
+    # Through the CLI: the copy's manifest records the planted file's checksum, so the integrity check passes.
+    manifest = json.loads((orin_bundle / "manifest.json").read_text())
+    manifest["files"]["decoder.onnx"] = sha256_file(planted / "decoder.onnx")
+    (planted / "manifest.json").unlink()
+    (planted / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(app, ["check-trt", str(planted), "--trt-version", "10.3"])
+    assert r.exit_code == 1 and "MatMulInteger" in r.output

@@ -171,6 +171,40 @@ def inspect(
 
 
 @app.command()
+@_handle_errors
+def bench(
+    bundle: Path = typer.Argument(...),
+    threads: int = typer.Option(2, "--threads", help="Threads for both ONNX Runtime and PyTorch."),
+    repeats: int = typer.Option(10, "--repeats"),
+    contexts: str = typer.Option("64,300,1000", "--contexts", help="Decode context lengths."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here."),
+    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write a markdown table here."),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure peak RSS in fresh processes."),
+):
+    """Latency and memory of the bundle against PyTorch eager, measured in one run; ratios > 1 favour the bundle."""
+    from rich.markdown import Markdown
+
+    from .bench.run import markdown, plot, run_bench
+
+    try:
+        ctx = tuple(int(c) for c in contexts.split(","))
+    except ValueError:
+        raise VlexportError(f"--contexts '{contexts}': expected integers separated by commas, e.g. 64,300,1000") from None
+    with console.status("benchmarking..."):
+        result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss, log=_log)
+    table = markdown(result)
+    if markdown_file:
+        markdown_file.write_text(table)
+    if plot_file:
+        plot(result, plot_file)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(Markdown(table))
+
+
+@app.command()
 def targets():
     """List the shipped target profiles (--target NAME, or pass your own .toml)."""
     from rich.table import Table

@@ -1,0 +1,361 @@
+"""TensorRT backend: build an engine from an exported ONNX part, and run it behind OrtRunner's interface.
+
+Written against the TensorRT 10.x Python API (10.3 is what JetPack 6 ships). No machine of ours has TensorRT, so
+none of this has been executed here: it is type-checked against tensorrt-stubs (tests/test_tensorrt_typecheck.py)
+and the engines are meant to be built and run on the device itself, since an engine only runs on the TensorRT
+version and GPU that built it.
+
+`tensorrt` (and torch, used for CUDA buffers and device queries) are imported inside functions, so this module
+imports everywhere; without TensorRT every entry point raises TensorRTUnavailable (exit code 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import VlexportError
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+    import torch
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PAST_PREFIX = "past_key_values."
+CONTEXT_PROFILE, GENERATION_PROFILE = 0, 1  # the decoder's two profiles, in vlexport/trt/profiles.py's order
+
+
+class TensorRTUnavailable(VlexportError):
+    """TensorRT (or a CUDA GPU) is missing on this machine."""
+
+    def __init__(self, reason: str):
+        super().__init__(
+            f"TensorRT is not importable here ({reason}). TensorRT engines are built and run on the device they "
+            "target: copy the bundle there and run engines/build.sh (or `vlexport engines`) on the device"
+        )
+        self.reason = reason
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(ok, reason): can this process build and run TensorRT engines?"""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:  # OSError: bindings present but libnvinfer missing
+        return False, f"tensorrt cannot be imported: {e}"
+    # tensorrt-stubs installs a bare `tensorrt/` directory of .pyi files, which imports as an empty namespace package.
+    if not hasattr(tensorrt, "Builder"):
+        return False, "tensorrt cannot be imported: only type stubs (tensorrt-stubs) are installed, not TensorRT"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"tensorrt {tensorrt.__version__} is importable but torch sees no CUDA GPU"
+    return True, f"tensorrt {tensorrt.__version__} on {torch.cuda.get_device_name()}"
+
+
+def _require_tensorrt() -> None:
+    ok, reason = tensorrt_available()
+    if not ok:
+        raise TensorRTUnavailable(reason)
+
+
+def _current_device() -> dict[str, Any]:
+    import tensorrt as trt
+    import torch
+
+    return {
+        "tensorrt_version": trt.__version__,
+        "device_name": torch.cuda.get_device_name(),
+        "compute_capability": list(torch.cuda.get_device_capability()),
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_profiles(profiles: list[dict], onnx_path: Path) -> None:
+    if not profiles:
+        raise VlexportError(f"no optimization profile given for '{onnx_path.name}'; every dynamic input needs min/opt/max")
+    for i, profile in enumerate(profiles):
+        for name, shapes in profile.items():
+            if len(shapes) != 3 or len({len(s) for s in shapes}) != 1:
+                raise VlexportError(f"profile {i} of '{onnx_path.name}': input '{name}' needs (min, opt, max) shapes "
+                                    f"of one rank, got {shapes}")
+            lo, opt, hi = shapes
+            if not all(0 <= a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise VlexportError(f"profile {i} of '{onnx_path.name}': input '{name}' needs min <= opt <= max in "
+                                    f"every dimension, got min {tuple(lo)}, opt {tuple(opt)}, max {tuple(hi)}")
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    precision: str,
+    profiles: list[dict],
+    *,
+    optimization_level: int = 3,
+    workspace_bytes: int = 4 << 30,
+    timing_cache_path: Path | None = None,
+    dla_core: int | None = None,
+    strongly_typed: bool = False,
+) -> dict:
+    """Build `engine_path` from one ONNX part; write `<engine>.json` beside it and return that metadata.
+
+    profiles: one {input name: (min, opt, max)} per optimization profile (vlexport/trt/profiles.py).
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    # Check our own arguments before TensorRT, so mistakes are reported the same way on every machine.
+    if precision not in PRECISIONS:
+        raise VlexportError(f"unknown precision '{precision}' for '{onnx_path.name}'; choose one of {', '.join(PRECISIONS)}")
+    if strongly_typed and precision == "fp16":
+        raise VlexportError(f"'{onnx_path.name}': a strongly typed network takes its precision from the graph and "
+                            "TensorRT rejects the FP16 flag with it; export an fp16 graph, or build without strongly_typed")
+    if not 0 <= optimization_level <= 5:
+        raise VlexportError(f"builder optimization level must be 0-5 (got {optimization_level})")
+    if dla_core is not None and (dla_core < 0 or precision == "fp32"):
+        raise VlexportError(f"DLA core {dla_core} for '{onnx_path.name}': DLA needs a core index >= 0 and runs FP16/INT8 "
+                            "only; use precision fp16 or int8, or leave the part on the GPU")
+    _check_profiles(profiles, onnx_path)
+    if not onnx_path.is_file():
+        raise VlexportError(f"ONNX part '{onnx_path}' not found")
+    _require_tensorrt()
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # 10.x: networks are always explicit-batch (flag 0); STRONGLY_TYPED is a bit position in the flags word.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so the decoder's external-data file is found next to the .onnx.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "(no parser message)"
+        raise VlexportError(f"TensorRT's ONNX parser rejected '{onnx_path.name}':\n  {errors}")
+
+    # Every dynamic input (a -1 dimension) needs a range in every profile; a name the graph lacks is a mistake.
+    graph_inputs = {t.name: _dims(t.shape) for t in (network.get_input(i) for i in range(network.num_inputs))}
+    for i, profile in enumerate(profiles):
+        missing = sorted(n for n, shape in graph_inputs.items() if -1 in shape and n not in profile)
+        unknown = sorted(set(profile) - set(graph_inputs))
+        if missing or unknown:
+            raise VlexportError(f"profile {i} of '{onnx_path.name}' does not match the graph's inputs: "
+                                f"dynamic inputs without a range {missing}, names the graph lacks {unknown}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    config.builder_optimization_level = optimization_level
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8" and not strongly_typed:
+        # Explicit quantization: the graph's Q/DQ nodes carry the scales, no calibrator (deprecated since 10.1).
+        # A strongly typed network takes INT8 from those Q/DQ nodes and forbids the flag.
+        config.set_flag(trt.BuilderFlag.INT8)
+
+    for i, profile in enumerate(profiles):
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            # The stubs declare Dims; pybind11 converts a tuple of ints to Dims at run time.
+            opt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))  # type: ignore[arg-type]
+        if config.add_optimization_profile(opt_profile) < 0:
+            raise VlexportError(f"TensorRT rejected optimization profile {i} of '{onnx_path.name}': {profile}")
+
+    if timing_cache_path is not None:
+        timing_cache_path = Path(timing_cache_path)
+        cached = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+        cache = config.create_timing_cache(cached)  # empty bytes -> a new, empty cache
+        # ignore_mismatch=False: a cache from another GPU or TensorRT version would give wrong tactic timings.
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise VlexportError(f"timing cache '{timing_cache_path}' was made on another GPU or TensorRT version; "
+                                "delete it and build again")
+
+    if dla_core is not None:
+        if dla_core >= builder.num_DLA_cores:
+            raise VlexportError(f"DLA core {dla_core} requested but this device has {builder.num_DLA_cores} DLA cores")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run go to the GPU instead of failing
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:  # the stubs say IHostMemory, but the binding returns None on failure
+        raise VlexportError(f"TensorRT failed to build an engine from '{onnx_path.name}'; see the TensorRT log above")
+
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_path.with_name(engine_path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(serialized)
+    tmp.replace(engine_path)  # no half-written engine if the write fails
+    if timing_cache_path is not None:
+        timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(timing_cache_path, "wb") as f:
+            f.write(config.get_timing_cache().serialize())
+
+    meta = {
+        **_current_device(),
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
+        "dla_core": dla_core,
+        "optimization_level": optimization_level,
+        # The .onnx file only: for the decoder this is the graph, its weights sit in the external-data file.
+        "onnx_sha256": _sha256(onnx_path),
+    }
+    _meta_path(engine_path).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _meta_path(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def _engine_mismatches(meta: dict, current: dict) -> list[str]:
+    problems = []
+    if meta.get("tensorrt_version") != current["tensorrt_version"]:
+        problems.append(f"it was built with TensorRT {meta.get('tensorrt_version')}, this is TensorRT "
+                        f"{current['tensorrt_version']}")
+    built_cc, this_cc = list(meta.get("compute_capability") or []), list(current["compute_capability"])
+    if meta.get("device_name") != current["device_name"] or built_cc != this_cc:
+        problems.append(f"it was built on {meta.get('device_name')} (sm_{''.join(map(str, built_cc))}), this is "
+                        f"{current['device_name']} (sm_{''.join(map(str, this_cc))})")
+    return problems
+
+
+def check_engine_metadata(meta: dict) -> None:
+    """Raise if this TensorRT version or GPU differs from the ones that built the engine (it would not load)."""
+    _require_tensorrt()
+    problems = _engine_mismatches(meta, _current_device())
+    if problems:
+        raise VlexportError("this engine cannot run here: " + "; ".join(problems) +
+                            ". Rebuild it on this device (engines/build.sh or `vlexport engines`)")
+
+
+def _dtypes() -> dict[trt.DataType, tuple[type[np.generic], torch.dtype]]:
+    import tensorrt as trt
+    import torch
+
+    return {
+        trt.DataType.FLOAT: (np.float32, torch.float32),
+        trt.DataType.HALF: (np.float16, torch.float16),
+        trt.DataType.INT8: (np.int8, torch.int8),
+        trt.DataType.INT32: (np.int32, torch.int32),
+        trt.DataType.INT64: (np.int64, torch.int64),
+        trt.DataType.BOOL: (np.bool_, torch.bool),
+    }
+
+
+def _dims(d: trt.Dims) -> tuple[int, ...]:
+    return tuple(d[i] for i in range(len(d)))  # Dims has __len__/__getitem__ but no __iter__ in the stubs
+
+
+class TensorRTRunner:
+    """One engine; infer(feed) -> dict of numpy arrays, like OrtRunner, so the runtime's KV-cache loop is unchanged."""
+
+    def __init__(self, engine_path: Path):
+        _require_tensorrt()
+        import tensorrt as trt
+        import torch
+
+        engine_path = Path(engine_path)
+        meta_path = _meta_path(engine_path)
+        if not engine_path.is_file():
+            raise VlexportError(f"TensorRT engine '{engine_path}' not found; build it on this device first")
+        if not meta_path.is_file():
+            raise VlexportError(f"'{meta_path}' is missing: it records which TensorRT and GPU built '{engine_path.name}'; "
+                                "rebuild the engine with vlexport, which writes it")
+        self.meta = json.loads(meta_path.read_text())
+        check_engine_metadata(self.meta)
+
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # kept: the engine must not outlive its runtime
+        if self.meta.get("dla_core") is not None:
+            self.runtime.DLA_core = int(self.meta["dla_core"])
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:  # the stubs say ICudaEngine, but the binding returns None on failure
+            raise VlexportError(f"TensorRT could not load '{engine_path}'; rebuild it on this device")
+        self.context = self.engine.create_execution_context()
+        self.active_profile = 0  # a new context starts on profile 0
+        self.stream = torch.cuda.Stream()  # our own stream: TensorRT warns about (and syncs on) the default stream
+
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        dtypes = _dtypes()
+        self.dtypes: dict[str, tuple[type[np.generic], torch.dtype]] = {}
+        for n in names:
+            dt = self.engine.get_tensor_dtype(n)
+            if dt not in dtypes:
+                raise VlexportError(f"engine '{engine_path.name}' tensor '{n}' has type {dt}, which vlexport cannot feed")
+            self.dtypes[n] = dtypes[dt]
+        # (min, max) per input per profile, to pick the profile a call's shapes fit.
+        self.ranges: list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = []
+        for p in range(self.engine.num_optimization_profiles):
+            profile_range = {}
+            for n in self.input_names:
+                lo, _opt, hi = self.engine.get_tensor_profile_shape(n, p)
+                profile_range[n] = (_dims(lo), _dims(hi))
+            self.ranges.append(profile_range)
+
+    def _choose_profile(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        order = list(range(len(self.ranges)))
+        past = [s for n, s in shapes.items() if n.startswith(PAST_PREFIX)]
+        if past and len(order) > GENERATION_PROFILE:
+            # Decoder: prefill (empty cache) is the context profile, later steps the generation profile.
+            first = CONTEXT_PROFILE if len(past[0]) > 2 and past[0][2] == 0 else GENERATION_PROFILE
+            order.remove(first)
+            order.insert(0, first)
+        for p in order:
+            if all(len(shapes[n]) == len(lo) and all(a <= d <= b for a, d, b in zip(lo, shapes[n], hi))
+                   for n, (lo, hi) in self.ranges[p].items()):
+                return p
+        ranges = "; ".join(f"profile {p}: " + ", ".join(f"{n} {lo}..{hi}" for n, (lo, hi) in r.items())
+                           for p, r in enumerate(self.ranges))
+        raise VlexportError(f"input shapes {shapes} fit none of the engine's optimization profiles ({ranges}); "
+                            "rebuild the engine with wider shape ranges")
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise VlexportError(f"missing inputs {missing} for the TensorRT engine (it takes {self.input_names})")
+        # The engine's own input types (e.g. INT32 where the ONNX graph said INT64 on older TensorRT) decide the cast.
+        arrays = {n: np.ascontiguousarray(feed[n], dtype=self.dtypes[n][0]) for n in self.input_names}
+        shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+        profile = self._choose_profile(shapes)
+        keep = []  # device tensors must stay alive until the stream has finished with them
+        with torch.cuda.stream(self.stream):
+            handle = self.stream.cuda_stream
+            if profile != self.active_profile:
+                if not self.context.set_optimization_profile_async(profile, handle):
+                    raise VlexportError(f"TensorRT could not switch to optimization profile {profile}")
+                self.active_profile = profile
+            for n, a in arrays.items():
+                if not self.context.set_input_shape(n, shapes[n]):
+                    raise VlexportError(f"TensorRT rejected shape {shapes[n]} for input '{n}' (profile {profile})")
+                # At least one element: a zero-size input (image_features [0, H] on decode steps) still needs a
+                # valid, non-null address, and torch gives zero-size CUDA tensors a null data pointer.
+                dev = torch.empty(max(a.size, 1), dtype=self.dtypes[n][1], device="cuda")
+                dev[: a.size].copy_(torch.from_numpy(a).reshape(-1))
+                self.context.set_tensor_address(n, dev.data_ptr())
+                keep.append(dev)
+            outputs: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+            for n in self.output_names:
+                shape = _dims(self.context.get_tensor_shape(n))  # known once every input shape is set
+                if any(d < 0 for d in shape):
+                    raise VlexportError(f"output '{n}' has an unresolved shape {shape}; data-dependent output shapes "
+                                        "are not supported by this runner")
+                dev = torch.empty(max(math.prod(shape), 1), dtype=self.dtypes[n][1], device="cuda")
+                self.context.set_tensor_address(n, dev.data_ptr())
+                outputs[n] = (dev, shape)
+            if not self.context.execute_async_v3(handle):
+                raise VlexportError("TensorRT inference failed (execute_async_v3); see the TensorRT log above")
+        self.stream.synchronize()
+        return {n: dev[: math.prod(shape)].reshape(shape).cpu().numpy() for n, (dev, shape) in outputs.items()}

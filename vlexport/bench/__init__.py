@@ -1,0 +1,1 @@
+"""`vlexport bench`: the bundle against PyTorch eager, in one run, at the same thread count."""
