@@ -78,7 +78,7 @@ def test_sampling_is_seeded(full_bundle, photos):
 
 
 def test_manifest_describes_the_bundle(full_bundle, full_lora, bitfit_dump):
-    from vlexport.adapters.io import sha256_file
+    from vlexport.files import sha256_file
 
     manifest = json.loads((full_bundle / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
@@ -140,3 +140,21 @@ def test_gqa_base_builds_and_matches(tiny_gqa_base, tmp_path, photos):
     for name in ("astronaut", "chelsea"):
         expected = reference_generate(ref, processor, photos[name], RAW_PROMPTS[1], 32)
         assert bundle.generate(photos[name], raw_prompt=RAW_PROMPTS[1], max_new_tokens=32).token_ids == expected
+
+
+def test_runtime_does_not_import_torch(full_bundle, tmp_path, photos):
+    """The runtime is what C++-adjacent and edge users ship: ONNX Runtime, tokenizers, numpy, Pillow, jinja2."""
+    import subprocess
+    import sys
+
+    photos["astronaut"].save(tmp_path / "a.png")
+    code = (
+        "import sys, vlexport; b = vlexport.load(sys.argv[1]); "
+        "r = b.generate(sys.argv[2], prompt='hi', max_new_tokens=4); "
+        "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
+        "assert not bad, bad; print(len(r.token_ids))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(full_bundle), str(tmp_path / "a.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "4"

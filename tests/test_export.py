@@ -42,7 +42,7 @@ def test_embed_places_features_in_order_and_accepts_empty(exported):
 
 
 def test_decoder_prefill_then_decode_equals_one_pass(exported):
-    """KV-cache path: prefill 6 tokens (past 0) then 3 single steps == one 9-token pass."""
+    """KV-cache path: prefill 6 tokens (past 0) then 3 single steps == one-pass prefills of the same prefixes."""
     model, facts, specs, paths = exported
     sess = _session(paths["decoder"])
     L, kv, hd, H = facts.num_layers, facts.num_kv_heads, facts.head_dim, facts.hidden_size
@@ -59,8 +59,14 @@ def test_decoder_prefill_then_decode_equals_one_pass(exported):
         out = sess.run(names, {"inputs_embeds": x[:, t : t + 1], "attention_mask": np.ones((1, t + 1), np.int64),
                                "position_ids": np.array([[t]]), **past})
         steps.append(out[0][0, -1])
-    assert np.abs(np.stack(steps) - full[0, 5:9]).max() < 1e-5
+    assert full.shape == (1, 1, facts.vocab_size)  # last position only
+    assert np.abs(steps[-1] - full[0, -1]).max() < 1e-5
     assert out[1].shape == (1, kv, 9, hd)
+    # Each step's logits equal a one-pass prefill of the same prefix.
+    for t, step in zip(range(6, 10), steps):
+        prefix = sess.run(["logits"], {"inputs_embeds": x[:, :t], "attention_mask": np.ones((1, t), np.int64),
+                                       "position_ids": np.arange(t)[None], **empty})[0]
+        assert np.abs(step - prefix[0, -1]).max() < 1e-5
 
 
 def test_export_check_names_the_broken_output(exported, tmp_path):

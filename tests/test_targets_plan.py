@@ -198,7 +198,7 @@ def test_check_trt_cli_passes_real_bundle_and_fails_planted_op(orin_bundle, tmp_
     model.graph.node.append(helper.make_node("MatMulInteger", ["inputs_embeds", "inputs_embeds"], ["planted_out"], name="planted"))
     model.graph.output.append(helper.make_tensor_value_info("planted_out", onnx.TensorProto.INT32, None))
     onnx.save(model, str(planted / "decoder.onnx"))
-    from vlexport.adapters.io import sha256_file
+    from vlexport.files import sha256_file
     from vlexport.trt.onnx_rules import check_onnx
 
     violations = check_onnx("decoder", planted / "decoder.onnx", "10.3")

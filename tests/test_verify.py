@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from vlexport.adapters.io import sha256_file
+from vlexport.files import sha256_file
 from vlexport.cli import app
 
 

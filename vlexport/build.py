@@ -80,6 +80,13 @@ def _eos_ids(base: Path, facts) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
+def _peak_rss_mb() -> float:
+    """The process's peak RSS so far (a high-water mark: a stage's figure includes the stages before it)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def check_buildable(target) -> None:
     """Precisions this version can produce for the target's backend."""
     if target.backend == "onnxruntime":
@@ -123,7 +130,7 @@ def build(
     t = time.perf_counter()
     model = load_llava(base)
     merge_adapters(model, loaded)
-    stages["load_and_merge"] = {"seconds": time.perf_counter() - t}
+    stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
     log(f"merged {len(loaded)} adapter(s) into the base in fp32")
 
     rel_tol = prof.thresholds("fp32")["export_rel_tol"]
@@ -134,7 +141,7 @@ def build(
             path = export_part(spec, tmp / f"{spec.name}.onnx")
             check = check_part(spec, path, rel_tol)
             seconds = time.perf_counter() - t
-            stages[f"export_{spec.name}"] = {"seconds": seconds}
+            stages[f"export_{spec.name}"] = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
             # The ONNX parts are FP32; a TensorRT target's lower precision is applied when its engines are built.
             parts[spec.name] = {"file": path.name, "precision": "fp32", **onnx_io(path), "export_check": check}
             log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
@@ -180,7 +187,7 @@ def build(
 
             t = time.perf_counter()
             report = verify_directory(tmp, manifest, base=base, adapters=loaded, log=log)
-            stages["verify"] = {"seconds": time.perf_counter() - t}
+            stages["verify"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
             (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
             manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"]}
             if not report["passed"]:

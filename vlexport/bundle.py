@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .adapters.io import sha256_file
+from .files import read_json, sha256_file
 from .errors import VlexportError
 
 SCHEMA_VERSION = 1
@@ -61,10 +61,7 @@ def read_manifest(bundle_dir: Path, verify_files: bool = True) -> dict:
     path = bundle_dir / MANIFEST
     if not path.exists():
         raise VlexportError(f"'{bundle_dir}' is not a vlexport bundle (no {MANIFEST}); build one with `vlexport build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VlexportError(f"'{path}' is not valid JSON ({e}); rebuild the bundle") from None
+    manifest = read_json(path, fix="rebuild the bundle")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise VlexportError(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VlexportError
+from .files import read_json, sha256_file
 
 PARTS = ("vision", "embed", "decoder")
 
@@ -50,10 +50,7 @@ def check_config_dir(base: Path) -> dict:
     cfg_path = base / "config.json"
     if not cfg_path.exists():
         raise VlexportError(f"--base '{base}' has no config.json; pass a Hugging Face LLaVA directory")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise VlexportError(f"'{cfg_path}' is not valid JSON ({e})") from None
+    config = read_json(cfg_path)
     if config.get("model_type") != "llava":
         raise VlexportError(
             f"--base '{base}' is a '{config.get('model_type')}' model, not LLaVA (config.json model_type must be "
@@ -113,7 +110,6 @@ def load_llava(base: Path, num_text_layers: int | None = None):
 
 def fingerprint(base: Path) -> str:
     """sha256 over config.json and every weight file, so any changed tensor changes it."""
-    from .adapters.io import sha256_file
 
     base = Path(base)
     h = hashlib.sha256((base / "config.json").read_bytes())

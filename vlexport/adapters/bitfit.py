@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VlexportError
-from .io import check_finite, read_json, read_tensors, sha256_file
+from ..files import read_json, sha256_file
+from .io import check_finite, read_tensors
 from .keymap import keeps_text_layer, normalize_key, part_of
 
 

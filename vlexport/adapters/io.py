@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from ..errors import VlexportError
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_tensors(path: Path) -> dict:
@@ -48,15 +38,6 @@ def read_tensors(path: Path) -> dict:
             raise VlexportError(f"adapter file '{path}' is not a flat dict of tensors")
         return dict(state)
     raise VlexportError(f"adapter file '{path}' has an unknown extension: expected .safetensors, .bin or .pt")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise VlexportError(f"'{path}' does not exist") from None
-    except json.JSONDecodeError as e:
-        raise VlexportError(f"'{path}' is not valid JSON ({e})") from None
 
 
 def check_finite(tensors: dict, source: Path) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VlexportError
-from .io import check_finite, read_json, read_tensors, sha256_file
+from ..files import read_json, sha256_file
+from .io import check_finite, read_tensors
 from .keymap import PEFT_PREFIX, keeps_text_layer, normalize_key
 
 # LoraConfig options whose non-default values we merge exactly.
@@ -49,11 +50,17 @@ class LoraAdapter:
     replacements: dict = field(default_factory=dict)  # param name -> absolute value
     token_rows: dict = field(default_factory=dict)  # embedding param -> (indices, rows)
     source_keys: dict = field(default_factory=dict)  # normalized name -> key in the file, for messages
+    extra_files: list = field(default_factory=list)  # e.g. the LLaVA repo's non_lora_trainables.bin
     kind: str = "lora"
 
     @property
     def sha256(self) -> str:
-        return sha256_file(self.weights_file)
+        """Of the weights file, or, with extra files, of every file's sha256 in order."""
+        if not self.extra_files:
+            return sha256_file(self.weights_file)
+        import hashlib
+
+        return hashlib.sha256("".join(sha256_file(f) for f in [self.weights_file, *self.extra_files]).encode()).hexdigest()
 
     def describe(self) -> dict:
         parts = sorted({_part(m.module) for m in self.modules} | {_part(k) for k in self.replacements})
@@ -344,6 +351,7 @@ def read_llava_repo_lora(path: Path) -> LoraAdapter:
     extra_file = Path(path) / "non_lora_trainables.bin"
     extra = read_tensors(extra_file)
     check_finite(extra, extra_file)
+    adapter.extra_files.append(extra_file)
     for key, value in extra.items():
         name = normalize_key(key)
         adapter.replacements[name] = value

@@ -11,7 +11,6 @@ imports everywhere; without TensorRT every entry point raises TensorRTUnavailabl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import VlexportError
+from ..files import sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -72,14 +72,6 @@ def _current_device() -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(),
         "compute_capability": list(torch.cuda.get_device_capability()),
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_profiles(profiles: list[dict], onnx_path: Path) -> None:
@@ -206,7 +198,7 @@ def build_engine(
         "dla_core": dla_core,
         "optimization_level": optimization_level,
         # The .onnx file only: for the decoder this is the graph, its weights sit in the external-data file.
-        "onnx_sha256": _sha256(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
     }
     _meta_path(engine_path).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

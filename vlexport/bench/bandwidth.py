@@ -14,7 +14,6 @@ import numpy as np
 
 def measure_read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 15) -> float:
     """Bytes per second read by an fp32 MatMul [1,K] x [K,N] on ONNX Runtime (median of `repeats`)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -4,7 +4,7 @@ The I/O contract (shared by vlexport's runtime, onnxruntime-genai and TensorRT):
   vision:  pixel_values [N,3,S,S] -> image_features [N*T, H]      (feature layer, CLS drop and projector inside)
   embed:   input_ids [B,S], image_features [T,H] -> inputs_embeds  (features written in order at image tokens)
   decoder: inputs_embeds, attention_mask [B,P+S], position_ids [B,S], past_key_values.{i}.key|value [B,kv,P,hd]
-           -> logits [B,S,V], present.{i}.key|value [B,kv,P+S,hd]
+           -> logits [B,1,V] (last position only), present.{i}.key|value [B,kv,P+S,hd]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class EmbedPart(nn.Module):
 class DecoderPart(nn.Module):
     """The Llama decoder and lm_head on embeddings, with the KV cache as explicit per-layer inputs and outputs.
 
+    Only the last position's logits are computed (so batches are left-padded: every row ends on a real token).
     The additive 4-D mask (causal over past+new positions, and the 2-D padding mask) is built here, so the graph
     needs no cache object and one graph serves prefill (past length 0) and decode.
     """
@@ -99,7 +100,9 @@ class DecoderPart(nn.Module):
         out = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
         )
-        logits = self.lm_head(out.last_hidden_state)
+        # Generation needs only the last position's logits. Projecting every prompt position onto the vocabulary
+        # would cost a prefill of 768 tokens with a 32k vocabulary about 38 GFLOP for nothing.
+        logits = self.lm_head(out.last_hidden_state[:, -1:])
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]

@@ -1,0 +1,27 @@
+"""Small file helpers shared by every stage: checksums, and JSON that fails with a message naming the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import VlexportError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path, fix: str = "") -> dict:
+    """JSON from `path`; a missing or malformed file is a VlexportError naming it (and `fix`, if given)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise VlexportError(f"'{path}' does not exist{'; ' + fix if fix else ''}") from None
+    except json.JSONDecodeError as e:
+        raise VlexportError(f"'{path}' is not valid JSON ({e}){'; ' + fix if fix else ''}") from None
