@@ -210,3 +210,13 @@ def test_check_trt_cli_passes_real_bundle_and_fails_planted_op(orin_bundle, tmp_
     (planted / "manifest.json").write_text(json.dumps(manifest))
     r = CliRunner().invoke(app, ["check-trt", str(planted), "--trt-version", "10.3"])
     assert r.exit_code == 1 and "MatMulInteger" in r.output
+
+
+@pytest.mark.parametrize("command", ["run", "verify", "bench"])
+def test_tensorrt_backend_needs_built_engines(orin_bundle, full_bundle, tmp_path, photos, command):
+    photos["astronaut"].save(tmp_path / "a.png")
+    extra = ["--image", str(tmp_path / "a.png"), "--prompt", "hi"] if command == "run" else []
+    r = CliRunner().invoke(app, [command, str(orin_bundle), "--backend", "tensorrt", *extra])
+    assert r.exit_code == 2 and "engines are not built yet" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, [command, str(full_bundle), "--backend", "tensorrt", *extra])
+    assert r.exit_code == 2 and "no TensorRT target" in " ".join(r.output.split())

@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(path, threads=None):
-    """Load a bundle for generation (ONNX Runtime; no torch needed)."""
+def load(path, threads=None, backend="onnxruntime"):
+    """Load a bundle for generation: ONNX Runtime (no torch needed), or the TensorRT engines built on a device."""
     from .runtime import Bundle
 
-    return Bundle(path, threads=threads)
+    return Bundle(path, threads=threads, backend=backend)

@@ -83,6 +83,7 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, token_ids, timings} as JSON."),
 ):
     """Answer a prompt about an image with a bundle (ONNX Runtime, no torch)."""
@@ -90,7 +91,7 @@ def run(
 
     if not image.is_file():
         raise VlexportError(f"--image '{image}' does not exist")
-    result = Bundle(bundle, threads=threads).generate(
+    result = Bundle(bundle, threads=threads, backend=backend).generate(
         image, prompt=prompt, raw_prompt=raw_prompt, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed,
     )
@@ -112,6 +113,7 @@ def verify(
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of images + prompts.jsonl (default: built-in photos)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     layers: Optional[int] = typer.Option(None, "--layers", help="Compare only the first N decoder layers (large models)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
 ):
@@ -121,7 +123,7 @@ def verify(
 
     with console.status("verifying..."):
         report = verify_bundle(bundle, base=base, adapters=adapter or None, data=data,
-                               max_new_tokens=max_new_tokens, layers=layers, log=_log)
+                               max_new_tokens=max_new_tokens, layers=layers, backend=backend, log=_log)
     if junit:
         write_junit(report, junit)
     if as_json:
@@ -181,6 +183,7 @@ def bench(
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here."),
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write a markdown table here."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure peak RSS in fresh processes."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
 ):
     """Latency and memory of the bundle against PyTorch eager, measured in one run; ratios > 1 favour the bundle."""
     from rich.markdown import Markdown
@@ -192,7 +195,7 @@ def bench(
     except ValueError:
         raise VlexportError(f"--contexts '{contexts}': expected integers separated by commas, e.g. 64,300,1000") from None
     with console.status("benchmarking..."):
-        result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss, log=_log)
+        result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss, backend=backend, log=_log)
     table = markdown(result)
     if markdown_file:
         markdown_file.write_text(table)

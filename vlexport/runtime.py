@@ -51,15 +51,17 @@ def _render_chat_template(template: str, messages: list, **kwargs) -> str:
 class Bundle:
     """A loaded bundle. `generate` answers one question about one image."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, manifest: dict | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, manifest: dict | None = None,
+                 backend: str = "onnxruntime"):
         """`manifest` is given only while a build is still writing the bundle; otherwise it is read and every
-        file's sha256 is checked."""
+        file's sha256 is checked. backend "tensorrt" runs the engines `vlexport engines` built on the device."""
         from tokenizers import Tokenizer
 
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         m = self.manifest
-        self.runners = {name: OrtRunner(self.path / part["file"], threads) for name, part in m["parts"].items()}
+        self.backend = backend
+        self.runners = _runners(self.path, m, backend, threads)
         self.tokenizer = Tokenizer.from_file(str(self.path / m["tokenizer"]["file"]))
         self.image_spec = ImageSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocessing"]["image"].items()})
         self.chat_template = (self.path / m["chat_template"]["file"]).read_text() if m.get("chat_template") else None
@@ -174,6 +176,23 @@ class Bundle:
         return Generation(text=self.decode(new), token_ids=new, prompt_ids=ids, timings=timings)
 
 
+def _runners(path: Path, manifest: dict, backend: str, threads: int | None) -> dict:
+    """One runner per part; every runner has infer(feed) -> dict of arrays."""
+    if backend == "onnxruntime":
+        return {name: OrtRunner(path / part["file"], threads) for name, part in manifest["parts"].items()}
+    if backend != "tensorrt":
+        raise VlexportError(f"unknown --backend '{backend}': choose onnxruntime or tensorrt")
+    engines = manifest.get("engines")
+    if not engines or engines["status"] != "built":
+        why = "it has no TensorRT target" if not engines else f"its engines are not built yet ({engines['reason']})"
+        raise VlexportError(
+            f"bundle '{path}' cannot run on TensorRT: {why}; on the device run `vlexport engines {path}` first"
+        )
+    from .backends.tensorrt import TensorRTRunner
+
+    return {name: TensorRTRunner(path / part["file"]) for name, part in engines["parts"].items()}
+
+
 def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
@@ -187,5 +206,5 @@ def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     return int(rng.choice(kept, p=p))
 
 
-def load(path: str | Path, threads: int | None = None) -> Bundle:
-    return Bundle(path, threads=threads)
+def load(path: str | Path, threads: int | None = None, backend: str = "onnxruntime") -> Bundle:
+    return Bundle(path, threads=threads, backend=backend)

@@ -15,7 +15,7 @@ def vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def main(side: str, bundle_dir: str, threads: int) -> None:
+def main(side: str, bundle_dir: str, threads: int, backend: str) -> None:
     import skimage.data
     from PIL import Image
 
@@ -23,7 +23,7 @@ def main(side: str, bundle_dir: str, threads: int) -> None:
     if side == "bundle":
         from vlexport.runtime import Bundle
 
-        b = Bundle(bundle_dir, threads=threads)
+        b = Bundle(bundle_dir, threads=threads, backend=backend)
         b.generate(image, prompt="Describe the image.", max_new_tokens=32)
         print(vm_hwm_mb())
         return
@@ -44,4 +44,4 @@ def main(side: str, bundle_dir: str, threads: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -41,9 +41,9 @@ def merged_torch_model(manifest: dict):
     return model
 
 
-def peak_rss_mb(side: str, bundle: Path, threads: int) -> float:
+def peak_rss_mb(side: str, bundle: Path, threads: int, backend: str = "onnxruntime") -> float:
     """Peak RSS of a fresh process that loads one side and generates 32 tokens (the OS's own accounting)."""
-    done = subprocess.run([sys.executable, "-m", "vlexport.bench.rss", side, str(bundle), str(threads)],
+    done = subprocess.run([sys.executable, "-m", "vlexport.bench.rss", side, str(bundle), str(threads), backend],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"peak-RSS run for {side} failed: {done.stderr[-2000:]}")
@@ -60,7 +60,7 @@ def _row(metric: str, bundle_t, torch_t, higher_is_better: bool = False, **extra
 
 
 def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prompt_lengths=None, repeats: int = 10,
-              warmup: int = 2, e2e_tokens: int = 32, measure_rss: bool = True,
+              warmup: int = 2, e2e_tokens: int = 32, measure_rss: bool = True, backend: str = "onnxruntime",
               log: Callable[[str], None] = lambda m: None) -> dict:
     import torch
 
@@ -68,7 +68,7 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
     from ..runtime import Bundle
 
     torch.set_num_threads(threads)
-    bundle = Bundle(bundle_dir, threads=threads)
+    bundle = Bundle(bundle_dir, threads=threads, backend=backend)
     manifest = bundle.manifest
     model = merged_torch_model(manifest)
     rng = np.random.default_rng(0)
@@ -134,9 +134,10 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
                      new_tokens=e2e_tokens))
     if measure_rss:
         log("peak RSS (fresh processes)")
-        rows.append(_row("peak_rss_mb", peak_rss_mb("bundle", bundle_dir, threads), peak_rss_mb("pytorch", bundle_dir, threads)))
+        rows.append(_row("peak_rss_mb", peak_rss_mb("bundle", bundle_dir, threads, backend),
+                         peak_rss_mb("pytorch", bundle_dir, threads, backend)))
     return {
-        "bundle": str(bundle_dir), "target": manifest["target"]["name"], "threads": threads,
+        "bundle": str(bundle_dir), "target": manifest["target"]["name"], "backend": backend, "threads": threads,
         "repeats": repeats, "machine": machine(), "read_bandwidth_gbs": round(bandwidth / 1e9, 2),
         "bandwidth_working_set_mb": working_set_mb,
         "model": {"decoder_params": decoder_params, "num_layers": m["num_layers"], "hidden_size": m["hidden_size"],

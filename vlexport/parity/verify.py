@@ -108,10 +108,16 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int) -> dict:
     }
 
 
-def thresholds_for(manifest: dict) -> dict:
-    """Each threshold from the [parity.<precision>] section of the precision its part has in this bundle."""
+def executed_precision(manifest: dict, backend: str) -> dict:
+    """The precision each part runs at on this backend: the ONNX parts' own, or the engines'."""
+    parts = manifest["engines"]["parts"] if backend == "tensorrt" else manifest["parts"]
+    return {name: part["precision"] for name, part in parts.items()}
+
+
+def thresholds_for(manifest: dict, backend: str = "onnxruntime") -> dict:
+    """Each threshold from the [parity.<precision>] section of the precision its part runs at."""
     parity = manifest["target"]["parity"]
-    precision = {name: part["precision"] for name, part in manifest["parts"].items()}
+    precision = executed_precision(manifest, backend)
     out = {}
     for key, (part, *_rest) in THRESHOLDS.items():
         section = parity.get(precision.get(part, precision["decoder"]), {})  # generate follows the decoder
@@ -178,6 +184,7 @@ def verify_directory(
     data: str | Path | None = None,
     max_new_tokens: int = 32,
     layers: int | None = None,
+    backend: str = "onnxruntime",
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     from transformers import AutoProcessor
@@ -188,19 +195,21 @@ def verify_directory(
     cases_in = folder_cases(data) if data else builtin_cases()
     if layers is not None and not 1 <= layers <= manifest["model"]["num_layers"]:
         raise VlexportError(f"--layers must be between 1 and the model's {manifest['model']['num_layers']} decoder layers (got {layers})")
-    thresholds = thresholds_for(manifest)
     if layers is not None:
+        if backend != "onnxruntime":
+            raise VlexportError("--layers runs on the ONNX parts only (it cuts the decoder graph); drop --backend")
         from .layers import verify_first_layers
 
         results = verify_first_layers(bundle_dir, manifest, base, adapters, layers, cases_in, log)
     else:
-        bundle = Bundle(bundle_dir, manifest=manifest)
+        bundle = Bundle(bundle_dir, manifest=manifest, backend=backend)  # refuses a backend the bundle cannot run
         model = build_reference(base, adapters)
         processor = AutoProcessor.from_pretrained(str(base))
         results = []
         for case in cases_in:
             log(f"parity case {case.name}")
             results.append(run_case(case, bundle, model, processor, max_new_tokens))
+    thresholds = thresholds_for(manifest, backend)
     checks, passed = evaluate(results, thresholds)
     failed = [c for c in checks if not c["passed"]]
     summary = "all checks passed" if passed else "; ".join(
@@ -215,7 +224,8 @@ def verify_directory(
             "adapters": [{"path": str(a.path), "kind": a.kind, "format": a.format} for a in adapters],
             "method": "PyTorch fp32, adapters unmerged (PEFT for LoRA/BEFT; BitFit biases as trained parameters)",
         },
-        "precision": {name: part["precision"] for name, part in manifest["parts"].items()},
+        "backend": backend,
+        "precision": executed_precision(manifest, backend),
         "thresholds": thresholds,
         "max_new_tokens": max_new_tokens,
         "mode": "full" if layers is None else f"first {layers} decoder layers, teacher-forced over the prompt",
@@ -232,6 +242,7 @@ def verify_bundle(
     data: str | Path | None = None,
     max_new_tokens: int = 32,
     layers: int | None = None,
+    backend: str = "onnxruntime",
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Verify a finished bundle. Sources default to those recorded in the manifest, checked by fingerprint."""
@@ -263,4 +274,4 @@ def verify_bundle(
     else:
         loaded = [load_adapter(p) for p in adapters]
     return verify_directory(bundle_dir, manifest, Path(base), loaded, data=data, max_new_tokens=max_new_tokens,
-                            layers=layers, log=log)
+                            layers=layers, backend=backend, log=log)
