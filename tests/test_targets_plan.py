@@ -164,7 +164,7 @@ def test_trtexec_8_6_gets_one_profile_and_mib():
     p1 = {"x": ((1, 1), (1, 1), (1, 1))}
     argv = part_command("decoder", "decoder.onnx", "fp16", [p0, p1], "8.6", {"workspace_gb": 2}, False)
     assert not any(a.startswith("--profile") for a in argv)
-    assert "--minShapes='x':1x1" in argv and "--maxShapes='x':1x16" in argv
+    assert "--minShapes=x:1x1" in argv and "--maxShapes=x:1x16" in argv
     assert "--memPoolSize=workspace:2048" in argv
     assert all(a.split("=", 1)[0] in options_for("8.6") for a in argv[1:])
 

@@ -27,8 +27,9 @@ def options_for(version: str) -> set[str]:
 
 
 def _shape_spec(profile: Profile, which: int) -> str:
-    # trtexec quotes input names containing dots with single quotes inside the spec.
-    return ",".join(f"'{name}':" + "x".join(str(d) for d in shapes[which]) for name, shapes in profile.items())
+    # Our input names hold only letters, digits, '_' and '.', so they need no quoting inside a trtexec shape spec
+    # (quotes are for names with ':' or ',').
+    return ",".join(f"{name}:" + "x".join(str(d) for d in shapes[which]) for name, shapes in profile.items())
 
 
 def _merge(profiles: list[Profile]) -> Profile:
