@@ -198,6 +198,10 @@ def build(
             from .engines import plan_engines
 
             manifest["engines"] = plan_engines(tmp, manifest, prof, log)
+        from .genai import write_genai_files
+
+        # The same parts open with onnxruntime-genai's C/C++ runtime (og.Model / OgaCreateModel on the directory).
+        manifest["onnxruntime_genai"] = {"files": write_genai_files(tmp, manifest)}
         manifest = write_manifest(tmp, manifest)
     log(f"bundle written to {out}")
     return manifest

@@ -146,6 +146,13 @@ class Bundle:
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
         features = self.image_features(pixels)
+        n_image = ids.count(self.image_token_id)
+        if n_image != features.shape[0]:
+            # The embed graph would silently fill unmatched positions with zeros.
+            raise VlexportError(
+                f"the prompt has {n_image} image tokens but the image gave {features.shape[0]} features; "
+                f"write the image as one '{self.image_token}' placeholder and let vlexport expand it"
+            )
         t2 = time.perf_counter()
         rng = np.random.default_rng(seed)
         input_ids = np.array([ids], dtype=np.int64)
