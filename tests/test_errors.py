@@ -124,11 +124,11 @@ def test_pickle_with_code_is_refused(tmp_path, tiny_base):
     assert_refused(r, tmp_path / "out", "adapter.bin", "weights_only")
 
 
-def test_prefix_adapter_refused_by_name(tmp_path, tiny_base):
-    d = tmp_path / "prefix"
+def test_unsupported_peft_type_refused_by_name(tmp_path, tiny_base):
+    d = tmp_path / "prompt"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
-    assert_refused(build(tiny_base, [d], tmp_path / "out"), tmp_path / "out", "prefix tuning")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
+    assert_refused(build(tiny_base, [d], tmp_path / "out"), tmp_path / "out", "prompt tuning")
 
 
 def test_parity_failure_writes_nothing(tmp_path, tiny_base, full_lora):

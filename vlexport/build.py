@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .adapters import load_adapter, merge_adapters
+from .adapters import merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import VlexportError
 from .export.onnx import check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
 from .plan import check_fits, plan_memory
 from .target import load_target
+from .tasks import load_bank, write_packs
 
 
 def read_text_assets(base: Path) -> dict:
@@ -120,16 +121,20 @@ def build(
     config = check_base_dir(base)
     prof = load_target(target).with_precision(precision or {})
     check_buildable(prof)
-    memory = plan_memory(config, prof)
-    check_fits(memory, config, prof)
     facts = facts_from_config(config)
     assets = read_text_assets(base)
-    loaded = [load_adapter(p, adapter_kind) for p in adapters]
+    loaded, tasks = load_bank(adapters, adapter_kind)
+    pack_bytes = sum(a.embeddings.numel() * 4 for task in tasks.values() for a in task)
+    memory = plan_memory(config, prof, adapter_bytes=pack_bytes)
+    check_fits(memory, config, prof)
     stages: dict[str, dict] = {}
 
     t = time.perf_counter()
     model = load_llava(base)
     merge_adapters(model, loaded)
+    for task_adapters in tasks.values():
+        for a in task_adapters:
+            a.validate(model)
     stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
     log(f"merged {len(loaded)} adapter(s) into the base in fp32")
 
@@ -156,6 +161,7 @@ def build(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
             "adapters": [a.describe() for a in loaded],
+            "tasks": write_packs(tmp, tasks, facts),
             "target": prof.to_dict(),
             "memory_plan": memory.to_dict(),
             "parts": parts,
@@ -186,7 +192,7 @@ def build(
             from .parity.verify import verify_directory
 
             t = time.perf_counter()
-            report = verify_directory(tmp, manifest, base=base, adapters=loaded, log=log)
+            report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, log=log)
             stages["verify"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
             (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
             manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"]}

@@ -46,7 +46,7 @@ def _log(msg: str) -> None:
 @_handle_errors
 def build(
     base: Path = typer.Option(..., "--base", help="Hugging Face LLaVA directory (config.json + safetensors)."),
-    adapter: list[Path] = typer.Option([], "--adapter", help="Adapter file or directory; repeat to apply several, in order."),
+    adapter: list[str] = typer.Option([], "--adapter", help="Adapter file or directory, or NAME=PATH for a bank task; repeat for several."),
     adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="Override detection: lora | bitfit."),
     target: str = typer.Option("cpu", "--target", help="Target profile name (vlexport targets) or a .toml path."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
@@ -84,6 +84,7 @@ def run(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
+    task: Optional[str] = typer.Option(None, "--task", help="Bank task to answer with (vlexport inspect lists them)."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, token_ids, timings} as JSON."),
 ):
     """Answer a prompt about an image with a bundle (ONNX Runtime, no torch)."""
@@ -93,7 +94,7 @@ def run(
         raise VlexportError(f"--image '{image}' does not exist")
     result = Bundle(bundle, threads=threads, backend=backend).generate(
         image, prompt=prompt, raw_prompt=raw_prompt, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed,
+        temperature=temperature, top_p=top_p, seed=seed, task=task,
     )
     if as_json:
         print(json.dumps(result.to_dict()))
@@ -159,6 +160,10 @@ def inspect(
         out.print(table)
         for a in info["adapters"]:
             out.print(f"adapter {a['kind']} ({a['format']}) {a['path']} sha256 {a['sha256'][:12]}… merged={a['merged']}")
+        for name, t in (info.get("tasks") or {}).items():
+            kinds = ", ".join(f"{a['kind']} ({a['format']})" for a in t["adapters"])
+            out.print(f"task {name}: pack {t['pack']} ({t['bytes'] / 1024:.1f} KiB), {kinds}, "
+                      f"{t['prefix_tokens']} prefix tokens, positions from {t['position_offset']}")
         if info.get("parity"):
             out.print(f"parity: {'passed' if info['parity']['passed'] else 'FAILED'} ({info['parity']['report']})")
         return

@@ -72,6 +72,10 @@ class Bundle:
         self.eos_ids = set(m["generation"]["eos_token_ids"])
         self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
         self.hidden_size = model["hidden_size"]
+        # Task packs are small (a prefix is P x layers x 2 x kv x hd floats): load them all now, so that switching
+        # tasks between requests is a dictionary lookup.
+        self.tasks = m.get("tasks") or {}
+        self._packs = {name: _load_pack(self.path / t["pack"]) for name, t in self.tasks.items()}
 
     # -- text -------------------------------------------------------------------------------------------------
     def chat_prompt(self, prompt: str) -> str:
@@ -113,6 +117,22 @@ class Bundle:
             for i in range(self.num_layers) for kv in ("key", "value")
         }
 
+    def initial_state(self, task: str | None = None, batch: int = 1) -> tuple[dict, int, int]:
+        """(past key/values to start from, prefix length, position of the first real token) for a task.
+
+        No task on a bundle with a 'default' task means that task; otherwise an empty cache."""
+        if task is None and "default" in self.tasks:
+            task = "default"
+        if task is None:
+            return self.empty_past(batch), 0, 0
+        if task not in self.tasks:
+            known = ", ".join(self.tasks) or "none"
+            raise VlexportError(f"unknown --task '{task}': bundle '{self.path}' has tasks: {known}")
+        pack = self._packs[task]
+        past = {k: np.ascontiguousarray(np.broadcast_to(v[None], (batch, *v.shape))) for k, v in pack.items()}
+        info = self.tasks[task]
+        return past, info["prefix_tokens"], info["position_offset"]
+
     def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         if features is None:
             features = np.zeros((0, self.hidden_size), np.float32)
@@ -134,6 +154,7 @@ class Bundle:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        task: str | None = None,
     ) -> Generation:
         if (prompt is None) == (raw_prompt is None):
             raise VlexportError("give exactly one of --prompt (chat template applied) or --raw-prompt (used verbatim)")
@@ -155,10 +176,11 @@ class Bundle:
             )
         t2 = time.perf_counter()
         rng = np.random.default_rng(seed)
+        past, n_prefix, offset = self.initial_state(task)
         input_ids = np.array([ids], dtype=np.int64)
-        mask = np.ones((1, len(ids)), dtype=np.int64)
-        positions = np.arange(len(ids), dtype=np.int64)[None]
-        logits, past = self.decode_step(self.embed(input_ids, features), mask, positions, self.empty_past())
+        mask = np.ones((1, n_prefix + len(ids)), dtype=np.int64)
+        positions = offset + np.arange(len(ids), dtype=np.int64)[None]
+        logits, past = self.decode_step(self.embed(input_ids, features), mask, positions, past)
         t3 = time.perf_counter()
         new: list[int] = []
         while True:
@@ -168,7 +190,7 @@ class Bundle:
                 break
             step = np.array([[token]], dtype=np.int64)
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            positions = np.array([[mask.shape[1] - 1]], dtype=np.int64)
+            positions = np.array([[offset + len(ids) + len(new) - 1]], dtype=np.int64)
             logits, past = self.decode_step(self.embed(step, None), mask, positions, past)
         t4 = time.perf_counter()
         timings = {
@@ -179,8 +201,15 @@ class Bundle:
             "total_ms": 1000 * (t4 - t0),
             "prompt_tokens": len(ids),
             "new_tokens": len(new),
+            "task": task if task is not None else ("default" if "default" in self.tasks else None),
         }
         return Generation(text=self.decode(new), token_ids=new, prompt_ids=ids, timings=timings)
+
+
+def _load_pack(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
 
 
 def _runners(path: Path, manifest: dict, backend: str, threads: int | None) -> dict:

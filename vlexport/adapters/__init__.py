@@ -11,11 +11,12 @@ from pathlib import Path
 from ..errors import VlexportError
 from .bitfit import BitFitAdapter, read_bitfit_dump, read_peft_beft
 from .lora import LoraAdapter, read_llava_repo_lora, read_peft_lora
+from .prefix import PrefixAdapter, read_peft_prefix
 
-Adapter = LoraAdapter | BitFitAdapter
-KINDS = ("lora", "bitfit")
+Adapter = LoraAdapter | BitFitAdapter | PrefixAdapter
+KINDS = ("lora", "bitfit", "prefix")
+MERGEABLE = ("lora", "bitfit")  # folded into the weights; the others are fed at run time as packs
 _NOT_YET = {
-    "PREFIX_TUNING": "prefix tuning",
     "PROMPT_TUNING": "prompt tuning",
     "P_TUNING": "p-tuning",
     "IA3": "IA3",
@@ -48,14 +49,16 @@ def detect_kind(path: Path) -> str:
         return "lora"
     if peft_type == "BEFT":
         return "bitfit"
+    if peft_type == "PREFIX_TUNING":
+        return "prefix"
     if peft_type == "ADAPTERHUB":
         raise VlexportError(
-            f"'{path}' is an AdapterHub adapter (bottleneck or prefix); this vlexport version merges LoRA and "
-            "BitFit only: swappable bottleneck/prefix adapters are not supported yet"
+            f"'{path}' is an AdapterHub adapter (bottleneck or prefix); this vlexport version reads PEFT prefix "
+            "tuning, LoRA and BitFit: AdapterHub bottleneck and prefix files are not supported yet"
         )
     if peft_type is not None:
         what = _NOT_YET.get(peft_type, peft_type)
-        raise VlexportError(f"'{path}' is a PEFT {what} adapter; this vlexport version supports LoRA and BitFit/BEFT only")
+        raise VlexportError(f"'{path}' is a PEFT {what} adapter; this vlexport version supports LoRA, BitFit/BEFT and prefix tuning")
     if path.is_dir():
         raise VlexportError(f"adapter directory '{path}' has no adapter_config.json; pass the weights file instead")
     from .io import read_tensors
@@ -79,6 +82,8 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
         raise VlexportError(f"unknown --adapter-kind '{kind}': choose one of {', '.join(KINDS)}")
     kind = kind or detect_kind(path)
     folder = path if path.is_dir() else path.parent
+    if kind == "prefix":
+        return read_peft_prefix(path)
     if kind == "lora":
         if path.is_dir() and (path / "non_lora_trainables.bin").exists():
             return read_llava_repo_lora(path)
@@ -92,6 +97,12 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
 
 def merge_adapters(model, adapters: list[Adapter]) -> None:
     """Validate every adapter against the model, then merge them in the order given (fp32)."""
+    for adapter in adapters:
+        if adapter.kind not in MERGEABLE:
+            raise VlexportError(
+                f"adapter '{adapter.path}' is {adapter.kind} tuning, which is fed at run time, not merged: give it a "
+                f"task name (--adapter NAME={adapter.path})"
+            )
     for adapter in adapters:
         adapter.validate(model)
     for adapter in adapters:

@@ -11,14 +11,70 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..adapters import Adapter
 from ..adapters.bitfit import BitFitAdapter
 from ..adapters.lora import LoraAdapter
+from ..adapters.prefix import PrefixAdapter
 from ..model import load_llava
 
 
 def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None = None):
-    """num_text_layers keeps only the first decoder layers, and the adapter entries that live in them."""
+    """num_text_layers keeps only the first decoder layers, and the adapter entries that live in them.
+
+    A prefix adapter goes through PEFT's forward() (never its generate(), which drops the prefix with
+    transformers 5); next to LoRA/BEFT, which PEFT cannot stack with it, PrefixReference re-implements it."""
+    prefixes = [a for a in adapters if isinstance(a, PrefixAdapter)]
+    adapters = [a for a in adapters if not isinstance(a, PrefixAdapter)]
+    model = _merged_kinds_reference(base, adapters, num_text_layers)
+    if not prefixes:
+        return model
+    if len(prefixes) > 1:
+        raise ValueError("one prefix per reference")
+    if hasattr(model, "peft_config"):
+        return PrefixReference(model, prefixes[0])
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(_folder(prefixes[0].path))).eval()
+
+
+def _folder(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+class PrefixReference(torch.nn.Module):
+    """PEFT prefix tuning's forward, re-implemented on any model: the prefix keys/values fill the cache first, the
+    attention mask gets P ones in front, and positions continue after the prefix (HF derives them from the cache)."""
+
+    def __init__(self, model, prefix: PrefixAdapter):
+        super().__init__()
+        self.model = model
+        cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.text_config = cfg
+        self.kv = {k: torch.from_numpy(v) for k, v in prefix.key_values(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim).items()}
+        self.num_tokens = prefix.num_tokens
+
+    def get_base_model(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+        from transformers import DynamicCache
+
+        batch = input_ids.shape[0]
+        cache = DynamicCache(config=self.text_config)
+        for i in range(self.text_config.num_hidden_layers):
+            k = self.kv[f"past_key_values.{i}.key"][None].expand(batch, -1, -1, -1)
+            v = self.kv[f"past_key_values.{i}.value"][None].expand(batch, -1, -1, -1)
+            cache.update(k, v, i)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = torch.cat([torch.ones(batch, self.num_tokens, dtype=attention_mask.dtype), attention_mask], dim=1)
+        return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask, cache=cache, **kwargs)
+
+
+def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None):
     model = load_llava(base, num_text_layers)
     if num_text_layers is not None:
         adapters = [a.without_text_layers_from(num_text_layers) for a in adapters]
@@ -51,10 +107,34 @@ def _peft_dir(adapter: Adapter, out: Path) -> Path:
 
 
 def reference_generate(model, processor, image, text: str, max_new_tokens: int) -> list[int]:
-    """Greedy tokens from HF generate (new tokens only)."""
-    import torch
-
+    """Greedy tokens (new tokens only): HF generate, or, for prefix tuning, a greedy loop over full forward passes."""
     inputs = processor(images=image, text=text, return_tensors="pt")
+    if _has_prefix(model):
+        return _greedy_by_forward(model, inputs, max_new_tokens)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _has_prefix(model) -> bool:
+    if isinstance(model, PrefixReference):
+        return True
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "peft_type", None) is not None and str(config.peft_type).endswith("PREFIX_TUNING")
+
+
+def _greedy_by_forward(model, inputs, max_new_tokens: int) -> list[int]:
+    """Each step recomputes the whole sequence: slow, but it uses only forward(), which is right for prefixes."""
+    eos = model.get_base_model().generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    ids = inputs["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        while len(new) < max_new_tokens:
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new

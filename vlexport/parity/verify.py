@@ -57,22 +57,24 @@ def _reference_logits(model, inputs, continuation: list[int]) -> np.ndarray:
     return logits[0, start : start + len(continuation)].numpy()
 
 
-def _bundle_logits(bundle, prompt_ids: list[int], features: np.ndarray, continuation: list[int]) -> np.ndarray:
+def _bundle_logits(bundle, prompt_ids: list[int], features: np.ndarray, continuation: list[int],
+                   task: str | None = None) -> np.ndarray:
     """The bundle's logits for the same positions: prefill, then one decode step per teacher-forced token."""
     ids = np.array([prompt_ids], dtype=np.int64)
-    mask = np.ones_like(ids)
-    pos = np.arange(ids.shape[1], dtype=np.int64)[None]
-    logits, past = bundle.decode_step(bundle.embed(ids, features), mask, pos, bundle.empty_past())
+    past, n_prefix, offset = bundle.initial_state(task)
+    mask = np.ones((1, n_prefix + ids.shape[1]), dtype=np.int64)
+    pos = offset + np.arange(ids.shape[1], dtype=np.int64)[None]
+    logits, past = bundle.decode_step(bundle.embed(ids, features), mask, pos, past)
     rows = [logits[0, -1]]
     for token in continuation[:-1]:
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        pos = np.array([[mask.shape[1] - 1]], dtype=np.int64)
+        pos = pos[:, -1:] + 1
         logits, past = bundle.decode_step(bundle.embed(np.array([[token]], dtype=np.int64), None), mask, pos, past)
         rows.append(logits[0, -1])
     return np.stack(rows)
 
 
-def run_case(case: Case, bundle, model, processor, max_new_tokens: int) -> dict:
+def run_case(case: Case, bundle, model, processor, max_new_tokens: int, task: str | None = None) -> dict:
     from ..backends.torch_reference import reference_generate
 
     text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
@@ -92,15 +94,16 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int) -> dict:
     vision["max_rel_to_scale"] = vision["max_abs"] / max(vision["scale"], 1e-12)
 
     ref_tokens = reference_generate(model, processor, case.image, text, max_new_tokens)
-    test = bundle.generate(case.image, raw_prompt=text, max_new_tokens=max_new_tokens)
+    test = bundle.generate(case.image, raw_prompt=text, max_new_tokens=max_new_tokens, task=task)
     greedy = metrics.greedy_match(ref_tokens, test.token_ids)
 
     ref_logits = _reference_logits(model, inputs, ref_tokens)
-    test_logits = _bundle_logits(bundle, prompt_ids, features, ref_tokens)
+    test_logits = _bundle_logits(bundle, prompt_ids, features, ref_tokens, task)
     decoder = metrics.logit_metrics(ref_logits, test_logits)
     decoder["kl_per_token"] = metrics.kl_per_token(ref_logits, test_logits).tolist()
     return {
-        "name": case.name,
+        "name": case.name if task is None else f"{task}:{case.name}",
+        "task": task,
         "prompt": case.prompt if case.prompt is not None else case.raw_prompt,
         "vision": {"image_features": vision},
         "decoder": {"logits": decoder},
@@ -185,8 +188,10 @@ def verify_directory(
     max_new_tokens: int = 32,
     layers: int | None = None,
     backend: str = "onnxruntime",
+    tasks: dict | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
+    """tasks: {name: [run-time adapters]}; each task is checked against its own reference (base adapters + its own)."""
     from transformers import AutoProcessor
 
     from ..backends.torch_reference import build_reference
@@ -195,7 +200,10 @@ def verify_directory(
     cases_in = folder_cases(data) if data else builtin_cases()
     if layers is not None and not 1 <= layers <= manifest["model"]["num_layers"]:
         raise VlexportError(f"--layers must be between 1 and the model's {manifest['model']['num_layers']} decoder layers (got {layers})")
+    tasks = tasks or {}
     if layers is not None:
+        if tasks:
+            raise VlexportError("--layers does not cover task packs yet; verify a bundle with tasks in full")
         if backend != "onnxruntime":
             raise VlexportError("--layers runs on the ONNX parts only (it cuts the decoder graph); drop --backend")
         from .layers import verify_first_layers
@@ -203,12 +211,15 @@ def verify_directory(
         results = verify_first_layers(bundle_dir, manifest, base, adapters, layers, cases_in, log)
     else:
         bundle = Bundle(bundle_dir, manifest=manifest, backend=backend)  # refuses a backend the bundle cannot run
-        model = build_reference(base, adapters)
         processor = AutoProcessor.from_pretrained(str(base))
         results = []
-        for case in cases_in:
-            log(f"parity case {case.name}")
-            results.append(run_case(case, bundle, model, processor, max_new_tokens))
+        # Without a 'default' task, a request with no task runs the base alone: check that path too.
+        runs = ([] if "default" in tasks else [(None, [])]) + list(tasks.items())
+        for task, task_adapters in runs:
+            model = build_reference(base, [*adapters, *task_adapters])
+            for case in cases_in:
+                log(f"parity case {case.name}" + (f" (task {task})" if task else ""))
+                results.append(run_case(case, bundle, model, processor, max_new_tokens, task))
     thresholds = thresholds_for(manifest, backend)
     checks, passed = evaluate(results, thresholds)
     failed = [c for c in checks if not c["passed"]]
@@ -222,7 +233,10 @@ def verify_directory(
         "reference": {
             "base": str(Path(base).resolve()),
             "adapters": [{"path": str(a.path), "kind": a.kind, "format": a.format} for a in adapters],
-            "method": "PyTorch fp32, adapters unmerged (PEFT for LoRA/BEFT; BitFit biases as trained parameters)",
+            "tasks": {name: [{"path": str(a.path), "kind": a.kind, "format": a.format} for a in ta]
+                      for name, ta in tasks.items()},
+            "method": "PyTorch fp32, adapters unmerged (PEFT for LoRA/BEFT and prefix tuning (forward only); BitFit "
+                      "biases as trained parameters)",
         },
         "backend": backend,
         "precision": executed_precision(manifest, backend),
@@ -233,6 +247,19 @@ def verify_directory(
         "parts": _aggregate(results),
         "cases": results,
     }
+
+
+def _recorded_adapter(rec: dict):
+    """An adapter the manifest records, refused if its file changed since the build."""
+    from ..adapters import load_adapter
+
+    a = load_adapter(rec["path"], rec["kind"])
+    if a.sha256 != rec["sha256"]:
+        raise VlexportError(
+            f"adapter '{rec['path']}' changed since the bundle was built (sha256 differs); pass --adapter to "
+            "check against it anyway, or rebuild"
+        )
+    return a
 
 
 def verify_bundle(
@@ -262,16 +289,11 @@ def verify_bundle(
                 "check against it anyway, or rebuild"
             )
     if adapters is None:
-        loaded = []
-        for rec in manifest["adapters"]:
-            a = load_adapter(rec["path"], rec["kind"])
-            if a.sha256 != rec["sha256"]:
-                raise VlexportError(
-                    f"adapter '{rec['path']}' changed since the bundle was built (sha256 differs); pass --adapter to "
-                    "check against it anyway, or rebuild"
-                )
-            loaded.append(a)
+        loaded = [_recorded_adapter(rec) for rec in manifest["adapters"]]
     else:
         loaded = [load_adapter(p) for p in adapters]
+    tasks = {}
+    for name, rec in (manifest.get("tasks") or {}).items():
+        tasks[name] = [_recorded_adapter(a) for a in rec["adapters"]]
     return verify_directory(bundle_dir, manifest, Path(base), loaded, data=data, max_new_tokens=max_new_tokens,
-                            layers=layers, backend=backend, log=log)
+                            layers=layers, backend=backend, tasks=tasks, log=log)
