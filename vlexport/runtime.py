@@ -12,6 +12,7 @@ from .backends.onnxruntime import OrtRunner
 from .bundle import read_manifest
 from .errors import VlexportError
 from .preprocess import ImageSpec, expand_image_tokens, open_image, preprocess_image
+from .slots import empty_feed
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Bundle:
         # tasks between requests is a dictionary lookup.
         self.tasks = m.get("tasks") or {}
         self._packs = {name: _load_pack(self.path / t["pack"]) for name, t in self.tasks.items()}
+        # Bottleneck adapter slots, if the parts have them: every run feeds the task's weights, or "no adapter".
+        self.slots = m.get("slots") or {}
+        self._no_adapter = {part: empty_feed(part, spec["layers"], spec["dim"]) for part, spec in self.slots.items()}
 
     # -- text -------------------------------------------------------------------------------------------------
     def chat_prompt(self, prompt: str) -> str:
@@ -106,8 +110,25 @@ class Bundle:
             image = open_image(image)
         return preprocess_image(image, self.image_spec)[None]
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.runners["vision"].infer({"pixel_values": pixel_values})["image_features"]
+    def image_features(self, pixel_values: np.ndarray, task: str | None = None) -> np.ndarray:
+        feed = {"pixel_values": pixel_values, **self.slot_feed("vision", task)}
+        return self.runners["vision"].infer(feed)["image_features"]
+
+    def resolve_task(self, task: str | None) -> str | None:
+        """No task on a bundle with a 'default' task means that task."""
+        if task is None and "default" in self.tasks:
+            return "default"
+        if task is not None and task not in self.tasks:
+            known = ", ".join(self.tasks) or "none"
+            raise VlexportError(f"unknown --task '{task}': bundle '{self.path}' has tasks: {known}")
+        return task
+
+    def slot_feed(self, part: str, task: str | None) -> dict:
+        if part not in self.slots:
+            return {}
+        task = self.resolve_task(task)
+        pack = self._packs.get(task, {}) if task is not None else {}
+        return {name: pack.get(name, empty) for name, empty in self._no_adapter[part].items()}
 
     # -- generation -------------------------------------------------------------------------------------------
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
@@ -118,19 +139,13 @@ class Bundle:
         }
 
     def initial_state(self, task: str | None = None, batch: int = 1) -> tuple[dict, int, int]:
-        """(past key/values to start from, prefix length, position of the first real token) for a task.
-
-        No task on a bundle with a 'default' task means that task; otherwise an empty cache."""
-        if task is None and "default" in self.tasks:
-            task = "default"
-        if task is None:
+        """(past key/values to start from, prefix length, position of the first real token) for a task."""
+        task = self.resolve_task(task)
+        info = self.tasks.get(task) if task is not None else None
+        if not info or not info.get("prefix_tokens"):
             return self.empty_past(batch), 0, 0
-        if task not in self.tasks:
-            known = ", ".join(self.tasks) or "none"
-            raise VlexportError(f"unknown --task '{task}': bundle '{self.path}' has tasks: {known}")
         pack = self._packs[task]
-        past = {k: np.ascontiguousarray(np.broadcast_to(v[None], (batch, *v.shape))) for k, v in pack.items()}
-        info = self.tasks[task]
+        past = {k: np.ascontiguousarray(np.broadcast_to(pack[k][None], (batch, *pack[k].shape))) for k in self.empty_past()}
         return past, info["prefix_tokens"], info["position_offset"]
 
     def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
@@ -138,9 +153,11 @@ class Bundle:
             features = np.zeros((0, self.hidden_size), np.float32)
         return self.runners["embed"].infer({"input_ids": ids, "image_features": features})["inputs_embeds"]
 
-    def decode_step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict):
+    def decode_step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict,
+                    task: str | None = None):
         out = self.runners["decoder"].infer(
-            {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+            {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past,
+             **self.slot_feed("decoder", task)}
         )
         present = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
         return out["logits"], present
@@ -166,7 +183,7 @@ class Bundle:
         ids = self.encode(text)
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
-        features = self.image_features(pixels)
+        features = self.image_features(pixels, task)
         n_image = ids.count(self.image_token_id)
         if n_image != features.shape[0]:
             # The embed graph would silently fill unmatched positions with zeros.
@@ -180,7 +197,7 @@ class Bundle:
         input_ids = np.array([ids], dtype=np.int64)
         mask = np.ones((1, n_prefix + len(ids)), dtype=np.int64)
         positions = offset + np.arange(len(ids), dtype=np.int64)[None]
-        logits, past = self.decode_step(self.embed(input_ids, features), mask, positions, past)
+        logits, past = self.decode_step(self.embed(input_ids, features), mask, positions, past, task)
         t3 = time.perf_counter()
         new: list[int] = []
         while True:
@@ -191,7 +208,7 @@ class Bundle:
             step = np.array([[token]], dtype=np.int64)
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
             positions = np.array([[offset + len(ids) + len(new) - 1]], dtype=np.int64)
-            logits, past = self.decode_step(self.embed(step, None), mask, positions, past)
+            logits, past = self.decode_step(self.embed(step, None), mask, positions, past, task)
         t4 = time.perf_counter()
         timings = {
             "preprocess_ms": 1000 * (t1 - t0),
@@ -201,7 +218,7 @@ class Bundle:
             "total_ms": 1000 * (t4 - t0),
             "prompt_tokens": len(ids),
             "new_tokens": len(new),
-            "task": task if task is not None else ("default" if "default" in self.tasks else None),
+            "task": self.resolve_task(task),
         }
         return Generation(text=self.decode(new), token_ids=new, prompt_ids=ids, timings=timings)
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import ParityError
 from ..model import LlavaFacts
-from .parts import DecoderPart, EmbedPart, VisionPart, decoder_io_names
+from ..slots import ACTIVATIONS, empty_feed
+from .parts import DecoderPart, EmbedPart, VisionPart, decoder_io_names, slot_input_names
 
 OPSET = 18  # TensorRT 10.3 imports opsets up to 20; 18 keeps attention and norms decomposed into plain ops.
 
@@ -31,11 +32,24 @@ class PartSpec:
     check_args: list[tuple]  # further input sets to compare ORT against torch on
 
 
-def part_specs(model, facts: LlavaFacts) -> list[PartSpec]:
+def part_specs(model, facts: LlavaFacts, slots: bool = False) -> list[PartSpec]:
+    """slots=True adds bottleneck adapter slot inputs to the vision and decoder parts."""
     import torch
     from torch.export import Dim
 
     g = torch.Generator().manual_seed(0)
+
+    def slot(layers, dim, width, mix=(1.0, 1.0, 1.0), act=0):
+        if width == 0:
+            return tuple(torch.from_numpy(t) for t in empty_feed("x", layers, dim).values())
+        activation = torch.zeros(layers, 2, len(ACTIVATIONS))
+        activation[..., act] = 1.0
+        return (0.1 * torch.randn(layers, 2, width, dim, generator=g), 0.1 * torch.randn(layers, 2, width, generator=g),
+                0.1 * torch.randn(layers, 2, dim, width, generator=g), 0.1 * torch.randn(layers, 2, dim, generator=g),
+                torch.tensor(mix).expand(layers, 2, 3).contiguous(), activation)
+
+    def slot_dims(width):
+        return ({2: width}, {2: width}, {3: width}, {}, {}, {})
     S, H, T = facts.image_size, facts.hidden_size, facts.num_image_tokens
     L, kv, hd = facts.num_layers, facts.num_kv_heads, facts.head_dim
 
@@ -65,22 +79,39 @@ def part_specs(model, facts: LlavaFacts) -> list[PartSpec]:
     n_feat = Dim("num_image_features", min=0)
     total = Dim("total_sequence")
     past = Dim("past_sequence", min=0)
-    dec_in, dec_out = decoder_io_names(L)
+    dec_in, dec_out = decoder_io_names(L, slots)
+    vision = VisionPart(model, slots)
+    vision_specs = PartSpec(
+        "vision", vision, ["pixel_values"], ["image_features"],
+        (pixels(2),), ({0: num_images},), [(pixels(1),), (pixels(3),)],
+    )
+    decoder_specs = PartSpec(
+        "decoder", DecoderPart(model, slots), dec_in, dec_out,
+        dec_args(2, 5, 3), ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(2 * L))),
+        [dec_args(1, 9, 0), dec_args(1, 1, 12), dec_args(2, 6, 0, pad=2), dec_args(3, 1, 7, pad=1)],
+    )
+    if slots:
+        # Each part's slots: export with width 4; check SeqBn/Houlsby/ParBn mixes, other activations, width 0.
+        for spec, layers, dim in ((vision_specs, len(vision.layers), model.config.vision_config.hidden_size),
+                                  (decoder_specs, L, H)):
+            width = Dim(f"{spec.name}_adapter_width", min=0)
+            if spec.name == "vision":  # decoder_io_names already lists the decoder's
+                spec.input_names = spec.input_names + slot_input_names(spec.name)
+            spec.export_args = (*spec.export_args, *slot(layers, dim, 4))
+            if spec.name == "vision":  # forward(pixel_values, *slot): the varargs are one nested entry
+                spec.dynamic_shapes = (*spec.dynamic_shapes, slot_dims(width))
+            else:  # the decoder's *inputs holds past key/values then the slot fields
+                spec.dynamic_shapes = (*spec.dynamic_shapes[:3], (*spec.dynamic_shapes[3], *slot_dims(width)))
+            variants = [slot(layers, dim, 3, (0.0, 1.0, 2.0), 1), slot(layers, dim, 0), slot(layers, dim, 5, (1.0, 0.0, 4.0), 2)]
+            spec.check_args = [(*args, *variants[i % len(variants)]) for i, args in enumerate(spec.check_args)]
     return [
-        PartSpec(
-            "vision", VisionPart(model), ["pixel_values"], ["image_features"],
-            (pixels(2),), ({0: num_images},), [(pixels(1),), (pixels(3),)],
-        ),
+        vision_specs,
         PartSpec(
             "embed", EmbedPart(model), ["input_ids", "image_features"], ["inputs_embeds"],
             (ids(2, T + 7, T), feats(T)), ({0: batch, 1: seq}, {0: n_feat}),
             [(ids(1, T + 4, T), feats(T)), (ids(1, 1, 0), feats(0)), (ids(3, 2, 0), feats(0))],
         ),
-        PartSpec(
-            "decoder", DecoderPart(model), dec_in, dec_out,
-            dec_args(2, 5, 3), ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(2 * L))),
-            [dec_args(1, 9, 0), dec_args(1, 1, 12), dec_args(2, 6, 0, pad=2), dec_args(3, 1, 7, pad=1)],
-        ),
+        decoder_specs,
     ]
 
 

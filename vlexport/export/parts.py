@@ -12,6 +12,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..slots import input_names as slot_input_names
+
+
+def bottleneck_slot(x, h, layer: int, site: int, slot):
+    """x + h + s * up(act(down(a*x + b*h))): the sub-block's residual add with a bottleneck adapter in it.
+
+    (a, b, s) = slot mix: SeqBn (Pfeiffer) feeds x+h (1, 1, s); Houlsby feeds h (0, 1, s); ParBn feeds the block
+    input x (1, 0, s). The activation is a fed one-hot over slots.ACTIVATIONS, so one graph serves every adapter; at
+    width 0 the adapter contributes its up bias, which "no adapter" packs set to zero.
+    """
+    down_w, down_b, up_w, up_b, mix, act = (t[layer, site] for t in slot)
+    z = mix[0] * x + mix[1] * h
+    u = torch.matmul(z, down_w.transpose(0, 1)) + down_b
+    a = (act[0] * torch.relu(u) + act[1] * nn.functional.silu(u) + act[2] * nn.functional.gelu(u)
+         + act[3] * torch.tanh(u))
+    y = torch.matmul(a, up_w.transpose(0, 1)) + up_b
+    return x + h + mix[2] * y
+
 
 def _feature_indices(feature_layer, num_layers: int) -> list[int]:
     """hidden_states indices (0 = embeddings output) for LLaVA's vision_feature_layer."""
@@ -20,10 +38,14 @@ def _feature_indices(feature_layer, num_layers: int) -> list[int]:
 
 
 class VisionPart(nn.Module):
-    """CLIP up to the deepest feature layer LLaVA reads (later layers never run), then the projector."""
+    """CLIP up to the deepest feature layer LLaVA reads (later layers never run), then the projector.
 
-    def __init__(self, model):
+    With slots=True each encoder layer's two residual adds take a bottleneck adapter slot (inputs
+    vision_adapter.*)."""
+
+    def __init__(self, model, slots: bool = False):
         super().__init__()
+        self.slots = slots
         cfg = model.config
         tower = model.model.vision_tower
         self.embeddings = tower.embeddings
@@ -33,11 +55,15 @@ class VisionPart(nn.Module):
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
         self.projector = model.model.multi_modal_projector
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, *slot) -> torch.Tensor:
         hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
         states = [hidden]
-        for layer in self.layers:
-            hidden = layer(hidden, None)
+        for i, layer in enumerate(self.layers):
+            # CLIPEncoderLayer's own steps, spelled out so that adapter slots can sit at its residual adds.
+            h, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None)
+            hidden = bottleneck_slot(hidden, h, i, 0, slot) if self.slots else hidden + h
+            h = layer.mlp(layer.layer_norm2(hidden))
+            hidden = bottleneck_slot(hidden, h, i, 1, slot) if self.slots else hidden + h
             states.append(hidden)
         features = torch.cat([states[i] for i in self.indices], dim=-1)
         if self.drop_cls:
@@ -79,16 +105,18 @@ class DecoderPart(nn.Module):
     needs no cache object and one graph serves prefill (past length 0) and decode.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, slots: bool = False):
         super().__init__()
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
         self.text_config = model.config.text_config
         self.num_layers = self.text_config.num_hidden_layers
+        self.slots = slots
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past_key_values):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *inputs):
         from transformers import DynamicCache
 
+        past_key_values, slot = inputs[: 2 * self.num_layers], inputs[2 * self.num_layers :]
         cache = DynamicCache(config=self.text_config)
         for i in range(self.num_layers):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
@@ -97,22 +125,29 @@ class DecoderPart(nn.Module):
         key_pos = torch.arange(total, device=inputs_embeds.device).unsqueeze(0)
         allowed = (key_pos <= query_pos).unsqueeze(0).unsqueeze(0) & attention_mask.bool()[:, None, None, :]
         mask = torch.where(allowed, 0.0, torch.finfo(inputs_embeds.dtype).min).to(inputs_embeds.dtype)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
-        )
+        lm = self.language_model
+        hidden = inputs_embeds
+        rope = lm.rotary_emb(hidden, position_ids=position_ids)
+        for i, layer in enumerate(lm.layers[: self.num_layers]):
+            # LlamaDecoderLayer's own steps, spelled out so that adapter slots can sit at its residual adds.
+            h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                                   position_ids=position_ids, cache=cache, use_cache=True, position_embeddings=rope)
+            hidden = bottleneck_slot(hidden, h, i, 0, slot) if self.slots else hidden + h
+            h = layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = bottleneck_slot(hidden, h, i, 1, slot) if self.slots else hidden + h
         # Generation needs only the last position's logits. Projecting every prompt position onto the vocabulary
         # would cost a prefill of 768 tokens with a 32k vocabulary about 38 GFLOP for nothing.
-        logits = self.lm_head(out.last_hidden_state[:, -1:])
+        logits = self.lm_head(lm.norm(hidden[:, -1:]))
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]
         return (logits, *present)
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def decoder_io_names(num_layers: int, slots: bool = False) -> tuple[list[str], list[str]]:
     inputs = ["inputs_embeds", "attention_mask", "position_ids"]
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
+    return inputs + (slot_input_names("decoder") if slots else []), outputs
