@@ -1,7 +1,6 @@
 """A CPU bundle opens with onnxruntime-genai (ORT-GenAI) as it is, and generates the tokens vlexport's runtime does."""
 
 import json
-import shutil
 
 import numpy as np
 import onnxruntime_genai as og  # test dependency: onnxruntime-genai==0.18.0 (needs onnxruntime>=1.31)

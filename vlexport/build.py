@@ -16,7 +16,8 @@ from .export.onnx import check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
 from .plan import check_fits, plan_memory
 from .target import load_target
-from .tasks import load_bank, write_packs
+from .export.parts import _feature_indices
+from .tasks import load_bank, slot_geometry, write_packs
 
 
 def read_text_assets(base: Path) -> dict:
@@ -124,7 +125,7 @@ def build(
     facts = facts_from_config(config)
     assets = read_text_assets(base)
     loaded, tasks = load_bank(adapters, adapter_kind)
-    pack_bytes = sum(a.embeddings.numel() * 4 for task in tasks.values() for a in task)
+    pack_bytes = sum(a.nbytes for task in tasks.values() for a in task)
     memory = plan_memory(config, prof, adapter_bytes=pack_bytes)
     check_fits(memory, config, prof)
     stages: dict[str, dict] = {}
@@ -135,13 +136,15 @@ def build(
     for task_adapters in tasks.values():
         for a in task_adapters:
             a.validate(model)
+    vision_layers = max(_feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
+    slots = slot_geometry(tasks, facts, vision_layers, model.config.vision_config.hidden_size)
     stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
     log(f"merged {len(loaded)} adapter(s) into the base in fp32")
 
     rel_tol = prof.thresholds("fp32")["export_rel_tol"]
     with atomic_directory(out, force) as tmp:
         parts = {}
-        for spec in part_specs(model, facts):
+        for spec in part_specs(model, facts, frozenset(slots)):
             t = time.perf_counter()
             path = export_part(spec, tmp / f"{spec.name}.onnx")
             check = check_part(spec, path, rel_tol)
@@ -161,7 +164,8 @@ def build(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
             "adapters": [a.describe() for a in loaded],
-            "tasks": write_packs(tmp, tasks, facts),
+            "tasks": write_packs(tmp, tasks, facts, slots),
+            "slots": slots,
             "target": prof.to_dict(),
             "memory_plan": memory.to_dict(),
             "parts": parts,

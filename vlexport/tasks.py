@@ -48,27 +48,55 @@ def load_bank(specs: list[str | Path], adapter_kind: str | None = None) -> tuple
         else:
             tasks.setdefault(name or DEFAULT_TASK, []).append(adapter)
     for name, adapters in tasks.items():
-        if len(adapters) > 1:
-            raise VlexportError(f"task '{name}' has {len(adapters)} prefix adapters; a task takes one prefix")
+        prefixes = [a for a in adapters if a.kind == "prefix"]
+        if len(prefixes) > 1:
+            raise VlexportError(f"task '{name}' has {len(prefixes)} prefix adapters; a task takes one prefix")
+        parts = [a.part for a in adapters if a.kind == "bottleneck"]
+        for part in set(parts):
+            if parts.count(part) > 1:
+                raise VlexportError(f"task '{name}' has {parts.count(part)} bottleneck adapters for the {part} tower; "
+                                    "a task takes one per tower")
     return merged, tasks
 
 
-def write_packs(bundle_dir: Path, tasks: dict, facts) -> dict:
+def slot_geometry(tasks: dict, facts, vision_layers: int, vision_dim: int) -> dict:
+    """{part: {layers, dim}} for each part some task puts a bottleneck adapter in."""
+    parts = {a.part for adapters in tasks.values() for a in adapters if a.kind == "bottleneck"}
+    geometry = {"vision": (vision_layers, vision_dim), "decoder": (facts.num_layers, facts.hidden_size)}
+    from .slots import ACTIVATIONS, input_names
+
+    return {p: {"layers": geometry[p][0], "dim": geometry[p][1], "activations": len(ACTIVATIONS),
+                "inputs": input_names(p)} for p in sorted(parts)}
+
+
+def task_tensors(adapters: list, facts, slots: dict) -> dict:
+    """Everything a task feeds at run time: prefix keys/values and bottleneck slot weights."""
+    tensors = {}
+    for a in adapters:
+        if a.kind == "prefix":
+            tensors.update(a.key_values(facts.num_layers, facts.num_kv_heads, facts.head_dim))
+        else:
+            tensors.update(a.slot_feed(slots[a.part]["layers"], slots[a.part]["dim"]))
+    return tensors
+
+
+def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict) -> dict:
     """Write each task's pack; return the manifest's 'tasks' entry."""
     from safetensors.numpy import save_file
 
     out = {}
     (bundle_dir / "packs").mkdir(exist_ok=True)
     for name, adapters in tasks.items():
-        prefix = adapters[0]
-        tensors = prefix.key_values(facts.num_layers, facts.num_kv_heads, facts.head_dim)
+        tensors = task_tensors(adapters, facts, slots)
         rel = f"packs/{name}.safetensors"
         save_file(tensors, str(bundle_dir / rel))
+        prefix = next((a for a in adapters if a.kind == "prefix"), None)
         out[name] = {
             "pack": rel,
             "adapters": [a.describe() for a in adapters],
-            "prefix_tokens": prefix.num_tokens,
-            "position_offset": prefix.position_offset,
+            "prefix_tokens": prefix.num_tokens if prefix else 0,
+            "position_offset": prefix.position_offset if prefix else 0,
+            "bottleneck_parts": sorted(a.part for a in adapters if a.kind == "bottleneck"),
             "bytes": sum(t.nbytes for t in tensors.values()),
         }
     return out

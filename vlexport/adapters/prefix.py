@@ -31,6 +31,10 @@ class PrefixAdapter:
         return int(self.embeddings.shape[0])
 
     @property
+    def nbytes(self) -> int:
+        return int(self.embeddings.numel()) * 4
+
+    @property
     def position_offset(self) -> int:
         """First RoPE position of the real tokens: PEFT continues after the prefix."""
         return self.num_tokens

@@ -26,8 +26,16 @@ def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | 
     A prefix adapter goes through PEFT's forward() (never its generate(), which drops the prefix with
     transformers 5); next to LoRA/BEFT, which PEFT cannot stack with it, PrefixReference re-implements it."""
     prefixes = [a for a in adapters if isinstance(a, PrefixAdapter)]
-    adapters = [a for a in adapters if not isinstance(a, PrefixAdapter)]
+    bottlenecks = [a for a in adapters if a.kind == "bottleneck"]
+    adapters = [a for a in adapters if a.kind in ("lora", "bitfit")]
     model = _merged_kinds_reference(base, adapters, num_text_layers)
+    for a in bottlenecks:
+        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if a.part == "vision":
+            layers, dim = len(llava.model.vision_tower.encoder.layers), llava.config.vision_config.hidden_size
+        else:
+            layers, dim = len(llava.model.language_model.layers), llava.config.text_config.hidden_size
+        attach_bottleneck(model, a.part, a.slot_feed(layers, dim))
     if not prefixes:
         return model
     if len(prefixes) > 1:
@@ -72,6 +80,50 @@ class PrefixReference(torch.nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([torch.ones(batch, self.num_tokens, dtype=attention_mask.dtype), attention_mask], dim=1)
         return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask, cache=cache, **kwargs)
+
+
+# (layer-norm module before the site, sub-block whose output h the adapter sees) for sites 0 and 1.
+_SITES = {
+    "vision": (("layer_norm1", "self_attn"), ("layer_norm2", "mlp")),
+    "decoder": (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
+}
+
+
+def attach_bottleneck(model, part: str, feed: dict) -> list:
+    """Bottleneck adapters on the HF model, unmerged: at each residual add x + h, h becomes h + s*f(a*x + b*h).
+
+    x is captured by a pre-hook on the sub-block's layer norm (its input is the residual stream), h by a hook on
+    the sub-block's output. `feed` holds the slot arrays (vlexport/slots.py). Returns the hook handles."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = llava.model.vision_tower.encoder.layers if part == "vision" else llava.model.language_model.layers
+    t = {k.split(".", 1)[1]: torch.from_numpy(v) for k, v in feed.items()}
+    handles = []
+    for i in range(t["mix"].shape[0]):
+        for site, (norm_name, sub_name) in enumerate(_SITES[part]):
+            if t["down_weight"].shape[2] == 0 and not t["up_bias"][i, site].any():
+                continue
+            seen: dict = {}
+            norm, sub = getattr(layers[i], norm_name), getattr(layers[i], sub_name)
+            handles.append(norm.register_forward_pre_hook(lambda _m, args, seen=seen: seen.update(x=args[0])))
+            handles.append(sub.register_forward_hook(_adapter_hook(t, i, site, seen)))
+    return handles
+
+
+def _adapter_hook(t: dict, i: int, site: int, seen: dict):
+    from ..slots import ACTIVATIONS
+
+    functions = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+    act = functions[ACTIVATIONS[int(t["activation"][i, site].argmax())]]
+    a, b, s = (float(v) for v in t["mix"][i, site])
+
+    def hook(_module, _args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        z = a * seen["x"] + b * h
+        y = act(z @ t["down_weight"][i, site].T + t["down_bias"][i, site]) @ t["up_weight"][i, site].T + t["up_bias"][i, site]
+        h = h + s * y
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return hook
 
 
 def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None):

@@ -32,8 +32,8 @@ class PartSpec:
     check_args: list[tuple]  # further input sets to compare ORT against torch on
 
 
-def part_specs(model, facts: LlavaFacts, slots: bool = False) -> list[PartSpec]:
-    """slots=True adds bottleneck adapter slot inputs to the vision and decoder parts."""
+def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset()) -> list[PartSpec]:
+    """slot_parts ('vision', 'decoder') get bottleneck adapter slot inputs."""
     import torch
     from torch.export import Dim
 
@@ -79,31 +79,32 @@ def part_specs(model, facts: LlavaFacts, slots: bool = False) -> list[PartSpec]:
     n_feat = Dim("num_image_features", min=0)
     total = Dim("total_sequence")
     past = Dim("past_sequence", min=0)
-    dec_in, dec_out = decoder_io_names(L, slots)
-    vision = VisionPart(model, slots)
+    dec_in, dec_out = decoder_io_names(L, "decoder" in slot_parts)
+    vision = VisionPart(model, "vision" in slot_parts)
     vision_specs = PartSpec(
         "vision", vision, ["pixel_values"], ["image_features"],
         (pixels(2),), ({0: num_images},), [(pixels(1),), (pixels(3),)],
     )
     decoder_specs = PartSpec(
-        "decoder", DecoderPart(model, slots), dec_in, dec_out,
+        "decoder", DecoderPart(model, "decoder" in slot_parts), dec_in, dec_out,
         dec_args(2, 5, 3), ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(2 * L))),
         [dec_args(1, 9, 0), dec_args(1, 1, 12), dec_args(2, 6, 0, pad=2), dec_args(3, 1, 7, pad=1)],
     )
-    if slots:
-        # Each part's slots: export with width 4; check SeqBn/Houlsby/ParBn mixes, other activations, width 0.
-        for spec, layers, dim in ((vision_specs, len(vision.layers), model.config.vision_config.hidden_size),
-                                  (decoder_specs, L, H)):
-            width = Dim(f"{spec.name}_adapter_width", min=0)
-            if spec.name == "vision":  # decoder_io_names already lists the decoder's
-                spec.input_names = spec.input_names + slot_input_names(spec.name)
-            spec.export_args = (*spec.export_args, *slot(layers, dim, 4))
-            if spec.name == "vision":  # forward(pixel_values, *slot): the varargs are one nested entry
-                spec.dynamic_shapes = (*spec.dynamic_shapes, slot_dims(width))
-            else:  # the decoder's *inputs holds past key/values then the slot fields
-                spec.dynamic_shapes = (*spec.dynamic_shapes[:3], (*spec.dynamic_shapes[3], *slot_dims(width)))
-            variants = [slot(layers, dim, 3, (0.0, 1.0, 2.0), 1), slot(layers, dim, 0), slot(layers, dim, 5, (1.0, 0.0, 4.0), 2)]
-            spec.check_args = [(*args, *variants[i % len(variants)]) for i, args in enumerate(spec.check_args)]
+    # Each slotted part: export with width 4; check SeqBn/Houlsby/ParBn mixes, other activations, width 0.
+    for spec, layers, dim in ((vision_specs, len(vision.layers), model.config.vision_config.hidden_size),
+                              (decoder_specs, L, H)):
+        if spec.name not in slot_parts:
+            continue
+        width = Dim(f"{spec.name}_adapter_width", min=0)
+        if spec.name == "vision":  # decoder_io_names already lists the decoder's
+            spec.input_names = spec.input_names + slot_input_names(spec.name)
+        spec.export_args = (*spec.export_args, *slot(layers, dim, 4))
+        if spec.name == "vision":  # forward(pixel_values, *slot): the varargs are one nested entry
+            spec.dynamic_shapes = (*spec.dynamic_shapes, slot_dims(width))
+        else:  # the decoder's *inputs holds past key/values then the slot fields
+            spec.dynamic_shapes = (*spec.dynamic_shapes[:3], (*spec.dynamic_shapes[3], *slot_dims(width)))
+        variants = [slot(layers, dim, 3, (0.0, 1.0, 2.0), 1), slot(layers, dim, 0), slot(layers, dim, 5, (1.0, 0.0, 4.0), 2)]
+        spec.check_args = [(*args, *variants[i % len(variants)]) for i, args in enumerate(spec.check_args)]
     return [
         vision_specs,
         PartSpec(
