@@ -265,3 +265,56 @@ def make_bitfit(base_dir: str | Path, out_file: str | Path, seed: int = 2) -> Pa
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
     return Path(out_file)
+
+
+# AdapterHub (`adapters` 1.3.0) preset configurations as its save_adapter writes them (defaults of SeqBnConfig,
+# DoubleSeqBnConfig and ParBnConfig); tests/data/adapterhub holds files the library wrote itself.
+_ADAPTERHUB_PRESETS = {
+    "seqbn": {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
+              "original_ln_before": True, "original_ln_after": True, "residual_before_ln": True, "is_parallel": False,
+              "scaling": 1.0},
+    "double_seqbn": {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "swish",
+                     "original_ln_before": False, "original_ln_after": True, "residual_before_ln": True,
+                     "is_parallel": False, "scaling": 1.0},
+    "parbn": {"mh_adapter": False, "output_adapter": True, "reduction_factor": 2, "non_linearity": "relu",
+              "original_ln_before": False, "original_ln_after": True, "residual_before_ln": True, "is_parallel": True,
+              "scaling": 4.0},
+}
+
+
+def make_adapterhub_bottleneck(base_dir: str | Path, out_dir: str | Path, tower: str, preset: str = "seqbn",
+                               seed: int = 3, scale: float = 0.3) -> Path:
+    """A bottleneck adapter for one tower of a LLaVA base, in the files AdapterHub's save_adapter writes
+    (adapter_config.json + pytorch_adapter.bin with its key names), with trained-looking (non-zero) weights.
+    AdapterHub saves one adapter per tower: tower is "vision" (CLIPVisionModel) or "language" (LlamaForCausalLM)."""
+    import json
+
+    import torch
+
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    sub = config["vision_config"] if tower == "vision" else config["text_config"]
+    hidden, layers = sub["hidden_size"], sub["num_hidden_layers"]
+    cfg = {"architecture": "bottleneck", "ln_after": False, "ln_before": False, "use_gating": False,
+           "leave_out": [], "phm_layer": False, "init_weights": "bert", "dropout": 0.0,
+           "adapter_residual_before_ln": False, **_ADAPTERHUB_PRESETS[preset]}
+    name = f"{tower}_{preset}"
+    prefix = "vision_model.encoder.layers" if tower == "vision" else "model.layers"
+    width = max(1, hidden // cfg["reduction_factor"])
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    sites = (["attention"] if cfg["mh_adapter"] else []) + (["output"] if cfg["output_adapter"] else [])
+    for layer in range(layers):
+        for site in sites:
+            key = f"{prefix}.{layer}.{site}_adapters.adapters.{name}"
+            state[f"{key}.adapter_down.0.weight"] = scale * torch.randn(width, hidden, generator=g)
+            state[f"{key}.adapter_down.0.bias"] = scale * torch.randn(width, generator=g)
+            state[f"{key}.adapter_up.weight"] = scale * torch.randn(hidden, width, generator=g)
+            state[f"{key}.adapter_up.bias"] = scale * torch.randn(hidden, generator=g)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"config": cfg, "hidden_size": hidden, "model_class": "CLIPVisionModel" if tower == "vision" else "LlamaForCausalLM",
+            "model_name": "", "model_type": "clip_vision_model" if tower == "vision" else "llama", "name": name,
+            "version": "adapters.1.3.0"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    torch.save(state, out / "pytorch_adapter.bin")
+    return out

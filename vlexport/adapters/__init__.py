@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ..errors import VlexportError
 from .bitfit import BitFitAdapter, read_bitfit_dump, read_peft_beft
+from .bottleneck import BottleneckAdapter, read_adapterhub_bottleneck
 from .lora import LoraAdapter, read_llava_repo_lora, read_peft_lora
 from .prefix import PrefixAdapter, read_peft_prefix
 
-Adapter = LoraAdapter | BitFitAdapter | PrefixAdapter
-KINDS = ("lora", "bitfit", "prefix")
+Adapter = LoraAdapter | BitFitAdapter | PrefixAdapter | BottleneckAdapter
+KINDS = ("lora", "bitfit", "prefix", "bottleneck")
 MERGEABLE = ("lora", "bitfit")  # folded into the weights; the others are fed at run time as packs
 _NOT_YET = {
     "PROMPT_TUNING": "prompt tuning",
@@ -52,9 +53,12 @@ def detect_kind(path: Path) -> str:
     if peft_type == "PREFIX_TUNING":
         return "prefix"
     if peft_type == "ADAPTERHUB":
+        architecture = (json.loads((folder / "adapter_config.json").read_text())["config"]).get("architecture")
+        if architecture in (None, "bottleneck"):
+            return "bottleneck"
         raise VlexportError(
-            f"'{path}' is an AdapterHub adapter (bottleneck or prefix); this vlexport version reads PEFT prefix "
-            "tuning, LoRA and BitFit: AdapterHub bottleneck and prefix files are not supported yet"
+            f"'{path}' is an AdapterHub {architecture} adapter; vlexport reads AdapterHub bottleneck adapters, and "
+            "LoRA/prefix tuning in PEFT's format"
         )
     if peft_type is not None:
         what = _NOT_YET.get(peft_type, peft_type)
@@ -84,6 +88,8 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
     folder = path if path.is_dir() else path.parent
     if kind == "prefix":
         return read_peft_prefix(path)
+    if kind == "bottleneck":
+        return read_adapterhub_bottleneck(path)
     if kind == "lora":
         if path.is_dir() and (path / "non_lora_trainables.bin").exists():
             return read_llava_repo_lora(path)

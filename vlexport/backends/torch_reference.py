@@ -96,6 +96,11 @@ def attach_bottleneck(model, part: str, feed: dict) -> list:
     the sub-block's output. `feed` holds the slot arrays (vlexport/slots.py). Returns the hook handles."""
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = llava.model.vision_tower.encoder.layers if part == "vision" else llava.model.language_model.layers
+    return attach_bottleneck_to_layers(layers, part, feed)
+
+
+def attach_bottleneck_to_layers(layers, part: str, feed: dict) -> list:
+    """attach_bottleneck on any list of CLIP encoder or Llama decoder layers."""
     t = {k.split(".", 1)[1]: torch.from_numpy(v) for k, v in feed.items()}
     handles = []
     for i in range(t["mix"].shape[0]):

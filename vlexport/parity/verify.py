@@ -64,12 +64,12 @@ def _bundle_logits(bundle, prompt_ids: list[int], features: np.ndarray, continua
     past, n_prefix, offset = bundle.initial_state(task)
     mask = np.ones((1, n_prefix + ids.shape[1]), dtype=np.int64)
     pos = offset + np.arange(ids.shape[1], dtype=np.int64)[None]
-    logits, past = bundle.decode_step(bundle.embed(ids, features), mask, pos, past)
+    logits, past = bundle.decode_step(bundle.embed(ids, features), mask, pos, past, task)
     rows = [logits[0, -1]]
     for token in continuation[:-1]:
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
         pos = pos[:, -1:] + 1
-        logits, past = bundle.decode_step(bundle.embed(np.array([[token]], dtype=np.int64), None), mask, pos, past)
+        logits, past = bundle.decode_step(bundle.embed(np.array([[token]], dtype=np.int64), None), mask, pos, past, task)
         rows.append(logits[0, -1])
     return np.stack(rows)
 
@@ -84,7 +84,7 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int, task: st
         raise VlexportError(f"case {case.name}: the bundle's tokenizer disagrees with the base processor on the prompt")
 
     ref_features = _reference_features(model, inputs["pixel_values"])
-    features = bundle.image_features(bundle.pixel_values(case.image))
+    features = bundle.image_features(bundle.pixel_values(case.image), task)
     vision = {
         "cosine": metrics.cosine(ref_features, features),
         "norm_ratio": metrics.norm_ratio(ref_features, features),
