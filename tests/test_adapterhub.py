@@ -148,7 +148,6 @@ def test_every_task_matches_its_reference(bottleneck_bank, tiny_base, full_lora,
 
 
 def test_tasks_switch_per_request_and_differ(bottleneck_bank, photos):
-    import time
 
     import vlexport
 
@@ -182,3 +181,31 @@ def test_slot_geometry_mismatch_is_refused(bottleneck_bank, tiny_gqa_base, tiny_
     r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"t={wide}", "-o", str(tmp_path / "o"), "--no-verify"])
     assert r.exit_code == 2 and "works on width 48" in r.output and not (tmp_path / "o").exists()
     assert cfg["model_class"] == "LlamaForCausalLM"
+
+
+def test_slot_inputs_are_optional_for_hosts_without_adapters(bottleneck_bank, photos):
+    """Slot inputs default to "no adapter", so onnxruntime-genai (which binds no extra inputs in its multimodal
+    pipeline) and plain C++ hosts run the base model from a bank bundle unchanged."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    import vlexport
+
+    out, _ = bottleneck_bank
+    bundle = vlexport.load(out)
+    prompt = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+    ids, pixels = bundle.encode(prompt), bundle.pixel_values(photos["chelsea"])
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    inputs = og.NamedTensors()
+    inputs["input_ids"] = np.array([ids], dtype=np.int32)
+    inputs["pixel_values"] = pixels
+    inputs["num_image_tokens"] = np.array([bundle.num_image_tokens], dtype=np.int64)
+    generator.set_inputs(inputs)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == bundle.generate(photos["chelsea"], raw_prompt=prompt, max_new_tokens=12).token_ids

@@ -12,7 +12,7 @@ from . import __version__
 from .adapters import merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import VlexportError
-from .export.onnx import check_part, export_part, part_specs
+from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
 from .plan import check_fits, plan_memory
 from .target import load_target
@@ -147,6 +147,8 @@ def build(
         for spec in part_specs(model, facts, frozenset(slots)):
             t = time.perf_counter()
             path = export_part(spec, tmp / f"{spec.name}.onnx")
+            if spec.name in slots:
+                add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
             check = check_part(spec, path, rel_tol)
             seconds = time.perf_counter() - t
             stages[f"export_{spec.name}"] = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}

@@ -140,6 +140,20 @@ def export_part(spec: PartSpec, out_path: Path) -> Path:
     return out_path
 
 
+def add_slot_defaults(onnx_path: Path, part: str, layers: int, dim: int) -> None:
+    """Give the part's adapter slot inputs default values ("no adapter"), making them optional inputs.
+
+    An ONNX graph input that also has an initializer of the same name may be left out of a feed. Hosts that know
+    nothing of adapters (onnxruntime-genai without an adapter loaded, a plain C++ app) then run the base model."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for name, value in empty_feed(part, layers, dim).items():
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    onnx.save(model, str(onnx_path))
+
+
 def check_part(spec: PartSpec, onnx_path: Path, rel_tol: float) -> dict:
     """Run ONNX Runtime and torch on the check inputs; raise ParityError naming the part and output if they differ.
 
