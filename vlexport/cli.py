@@ -162,8 +162,10 @@ def inspect(
             out.print(f"adapter {a['kind']} ({a['format']}) {a['path']} sha256 {a['sha256'][:12]}… merged={a['merged']}")
         for name, t in (info.get("tasks") or {}).items():
             kinds = ", ".join(f"{a['kind']} ({a['format']})" for a in t["adapters"])
-            out.print(f"task {name}: pack {t['pack']} ({t['bytes'] / 1024:.1f} KiB), {kinds}, "
-                      f"{t['prefix_tokens']} prefix tokens, positions from {t['position_offset']}")
+            slots = ", ".join(t.get("bottleneck_parts", [])) or "none"
+            out.print(f"task {name}: pack {t['pack']} ({t['bytes'] / 1024:.1f} KiB), {kinds}; "
+                      f"{t['prefix_tokens']} prefix tokens, positions from {t['position_offset']}; "
+                      f"bottleneck slots: {slots}", highlight=False, soft_wrap=True)
         if info.get("parity"):
             out.print(f"parity: {'passed' if info['parity']['passed'] else 'FAILED'} ({info['parity']['report']})")
         return
