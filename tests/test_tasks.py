@@ -143,10 +143,36 @@ def test_prefix_geometry_that_does_not_fit_is_refused(tiny_base, bank, tmp_path)
     assert r.exit_code == 2 and "prompt_embeddings has width" in r.output and not (tmp_path / "o").exists()
 
 
-def test_lora_inside_a_task_is_refused(tiny_base, full_lora, tmp_path):
-    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"vqa={full_lora}",
-                                 "-o", str(tmp_path / "o"), "--no-verify"])
-    assert r.exit_code == 2 and "without a task name" in " ".join(r.output.split())
+def test_bank_of_three_kinds_with_a_merged_lora_task(tiny_gqa_base, bank, photos, tmp_path):
+    """Three tasks of different kinds on one bundle: a LoRA merged for its task alone (its own copies of the parts
+    it changes), a PEFT prefix, and AdapterHub bottlenecks in both towers; every task equals its reference."""
+    import vlexport
+    from transformers import AutoProcessor
+
+    from vlexport.adapters import load_adapter
+    from vlexport.backends.torch_reference import build_reference, reference_generate
+    from vlexport.fixture import make_adapterhub_bottleneck, make_lora
+
+    _, paths = bank
+    lora = make_lora(tiny_gqa_base, tmp_path / "ocr_lora", seed=31, use_rslora=True, rank_pattern={"v_proj": 4})
+    vision = make_adapterhub_bottleneck(tiny_gqa_base, tmp_path / "vqa_v", "vision", "seqbn", seed=32)
+    language = make_adapterhub_bottleneck(tiny_gqa_base, tmp_path / "vqa_l", "language", "double_seqbn", seed=33)
+    out = tmp_path / "b"
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_gqa_base), "--adapter", str(paths["bitfit"]),
+                                 "--adapter", f"ocr={lora}", "--adapter", f"chat={paths['vqa']}",
+                                 "--adapter", f"vqa={vision}", "--adapter", f"vqa={language}", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    ocr = manifest["tasks"]["ocr"]
+    assert set(ocr["parts"]) == {"vision", "decoder"} and ocr["parts_bytes"] > 0  # the cost of merging per task
+    assert manifest["parity"]["passed"]
+    bundle = vlexport.load(out)
+    processor = AutoProcessor.from_pretrained(str(tiny_gqa_base))
+    task_adapters = {"ocr": [lora], "chat": [paths["vqa"]], "vqa": [vision, language]}
+    for task, extra in task_adapters.items():
+        model = build_reference(tiny_gqa_base, [load_adapter(p) for p in [paths["bitfit"], *extra]])
+        expected = reference_generate(model, processor, photos["chelsea"], PROMPTS[0], 32)
+        assert bundle.generate(photos["chelsea"], raw_prompt=PROMPTS[0], max_new_tokens=32, task=task).token_ids == expected
 
 
 def test_unknown_task(bank, photos, tmp_path):

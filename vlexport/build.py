@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .adapters import merge_adapters
+from .adapters import MERGEABLE, merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import VlexportError
 from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
-from .plan import check_fits, plan_memory
+from .plan import BYTES, check_fits, parameter_counts, plan_memory
 from .target import load_target
 from .export.parts import _feature_indices
-from .tasks import load_bank, slot_geometry, write_packs
+from .tasks import load_bank, merged_parts, slot_geometry, write_packs
 
 
 def read_text_assets(base: Path) -> dict:
@@ -105,6 +105,31 @@ def check_buildable(target) -> None:
         )
 
 
+def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, slots: dict, rel_tol: float,
+                       stages: dict, log) -> dict:
+    """Tasks with their own LoRA/BitFit: the parts it changes, exported again with it merged (a copy per task)."""
+    out = {}
+    for name, task_adapters in tasks.items():
+        own = [a for a in task_adapters if a.kind in MERGEABLE]
+        if not own:
+            continue
+        t = time.perf_counter()
+        model = load_llava(base)
+        merge_adapters(model, [*loaded, *own])
+        wanted = merged_parts(own)
+        for spec in part_specs(model, facts, frozenset(slots)):
+            if spec.name not in wanted:
+                continue
+            path = export_part(spec, tmp / "tasks" / name / f"{spec.name}.onnx")
+            if spec.name in slots:
+                add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
+            check_part(spec, path, rel_tol)
+            out.setdefault(name, {})[spec.name] = path.relative_to(tmp).as_posix()
+        stages[f"export_task_{name}"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
+        log(f"task {name}: exported its own merged {', '.join(wanted)} part(s)")
+    return out
+
+
 def build(
     base: str | Path,
     adapters: list[str | Path] = (),
@@ -125,7 +150,12 @@ def build(
     facts = facts_from_config(config)
     assets = read_text_assets(base)
     loaded, tasks = load_bank(adapters, adapter_kind)
-    pack_bytes = sum(a.nbytes for task in tasks.values() for a in task)
+    pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if a.kind not in MERGEABLE)
+    # A task with its own merged LoRA/BitFit loads its own copies of the parts that adapter changes.
+    counts = parameter_counts(config)
+    for task in tasks.values():
+        for part in merged_parts([a for a in task if a.kind in MERGEABLE]):
+            pack_bytes += counts[part] * BYTES[prof.precision[part]]
     memory = plan_memory(config, prof, adapter_bytes=pack_bytes)
     check_fits(memory, config, prof)
     stages: dict[str, dict] = {}
@@ -156,6 +186,7 @@ def build(
             parts[spec.name] = {"file": path.name, "precision": "fp32", **onnx_io(path), "export_check": check}
             log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
         del model
+        task_parts = _export_task_parts(tmp, base, loaded, tasks, facts, slots, rel_tol, stages, log)
 
         _copy_tokenizer(base, tmp)
         spec = assets["image_spec"]
@@ -166,7 +197,7 @@ def build(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
             "adapters": [a.describe() for a in loaded],
-            "tasks": write_packs(tmp, tasks, facts, slots),
+            "tasks": write_packs(tmp, tasks, facts, slots, task_parts),
             "slots": slots,
             "target": prof.to_dict(),
             "memory_plan": memory.to_dict(),

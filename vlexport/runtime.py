@@ -77,6 +77,14 @@ class Bundle:
         # tasks between requests is a dictionary lookup.
         self.tasks = m.get("tasks") or {}
         self._packs = {name: _load_pack(self.path / t["pack"]) for name, t in self.tasks.items()}
+        # Tasks with a LoRA/BitFit merged for them alone have their own copies of the parts it changes; all are
+        # opened now so that switching stays a lookup.
+        self._task_runners = {
+            name: {part: OrtRunner(self.path / f, threads) for part, f in t.get("parts", {}).items()}
+            for name, t in self.tasks.items() if t.get("parts")
+        }
+        if self._task_runners and backend != "onnxruntime":
+            raise VlexportError("tasks with their own merged parts run on ONNX Runtime only for now")
         # Bottleneck adapter slots, if the parts have them: every run feeds the task's weights, or "no adapter".
         self.slots = m.get("slots") or {}
         self._no_adapter = {part: empty_feed(part, spec["layers"], spec["dim"]) for part, spec in self.slots.items()}
@@ -110,9 +118,13 @@ class Bundle:
             image = open_image(image)
         return preprocess_image(image, self.image_spec)[None]
 
+    def runner(self, part: str, task: str | None):
+        task = self.resolve_task(task)
+        return self._task_runners.get(task, {}).get(part) or self.runners[part]
+
     def image_features(self, pixel_values: np.ndarray, task: str | None = None) -> np.ndarray:
         feed = {"pixel_values": pixel_values, **self.slot_feed("vision", task)}
-        return self.runners["vision"].infer(feed)["image_features"]
+        return self.runner("vision", task).infer(feed)["image_features"]
 
     def resolve_task(self, task: str | None) -> str | None:
         """No task on a bundle with a 'default' task means that task."""
@@ -148,14 +160,14 @@ class Bundle:
         past = {k: np.ascontiguousarray(np.broadcast_to(pack[k][None], (batch, *pack[k].shape))) for k in self.empty_past()}
         return past, info["prefix_tokens"], info["position_offset"]
 
-    def embed(self, ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    def embed(self, ids: np.ndarray, features: np.ndarray | None, task: str | None = None) -> np.ndarray:
         if features is None:
             features = np.zeros((0, self.hidden_size), np.float32)
-        return self.runners["embed"].infer({"input_ids": ids, "image_features": features})["inputs_embeds"]
+        return self.runner("embed", task).infer({"input_ids": ids, "image_features": features})["inputs_embeds"]
 
     def decode_step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict,
                     task: str | None = None):
-        out = self.runners["decoder"].infer(
+        out = self.runner("decoder", task).infer(
             {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past,
              **self.slot_feed("decoder", task)}
         )
@@ -197,7 +209,7 @@ class Bundle:
         input_ids = np.array([ids], dtype=np.int64)
         mask = np.ones((1, n_prefix + len(ids)), dtype=np.int64)
         positions = offset + np.arange(len(ids), dtype=np.int64)[None]
-        logits, past = self.decode_step(self.embed(input_ids, features), mask, positions, past, task)
+        logits, past = self.decode_step(self.embed(input_ids, features, task), mask, positions, past, task)
         t3 = time.perf_counter()
         new: list[int] = []
         while True:
@@ -208,7 +220,7 @@ class Bundle:
             step = np.array([[token]], dtype=np.int64)
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
             positions = np.array([[offset + len(ids) + len(new) - 1]], dtype=np.int64)
-            logits, past = self.decode_step(self.embed(step, None), mask, positions, past, task)
+            logits, past = self.decode_step(self.embed(step, None, task), mask, positions, past, task)
         t4 = time.perf_counter()
         timings = {
             "preprocess_ms": 1000 * (t1 - t0),

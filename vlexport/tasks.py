@@ -37,13 +37,7 @@ def load_bank(specs: list[str | Path], adapter_kind: str | None = None) -> tuple
     merged, tasks = [], {}
     for name, path in parse_adapter_specs(specs):
         adapter = load_adapter(path, adapter_kind)
-        if adapter.kind in MERGEABLE:
-            if name is not None:
-                raise VlexportError(
-                    f"--adapter {name}={path}: a {adapter.kind} adapter inside a task would need its own merged "
-                    "graph or swappable LoRA inputs, which this version does not build yet; pass it without a task "
-                    "name to merge it into the base for every task"
-                )
+        if adapter.kind in MERGEABLE and name is None:
             merged.append(adapter)
         else:
             tasks.setdefault(name or DEFAULT_TASK, []).append(adapter)
@@ -75,13 +69,28 @@ def task_tensors(adapters: list, facts, slots: dict) -> dict:
     for a in adapters:
         if a.kind == "prefix":
             tensors.update(a.key_values(facts.num_layers, facts.num_kv_heads, facts.head_dim))
-        else:
+        elif a.kind == "bottleneck":
             tensors.update(a.slot_feed(slots[a.part]["layers"], slots[a.part]["dim"]))
     return tensors
 
 
-def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict) -> dict:
-    """Write each task's pack; return the manifest's 'tasks' entry."""
+def _part_bytes(bundle_dir: Path, onnx_file: str) -> int:
+    """An exported part's size on disk: the graph and its external data."""
+    path = bundle_dir / onnx_file
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+
+
+def merged_parts(adapters: list) -> list[str]:
+    """The parts a task's own LoRA/BitFit changes (exported again, merged, for that task)."""
+    parts = set()
+    for a in adapters:
+        if a.kind in MERGEABLE:
+            parts.update(a.describe()["parts"])
+    return sorted(parts)
+
+
+def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict, task_parts: dict) -> dict:
+    """Write each task's pack; return the manifest's 'tasks' entry (with the task's own merged parts, if any)."""
     from safetensors.numpy import save_file
 
     out = {}
@@ -93,6 +102,8 @@ def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict) -> dict:
         prefix = next((a for a in adapters if a.kind == "prefix"), None)
         out[name] = {
             "pack": rel,
+            "parts": task_parts.get(name, {}),
+            "parts_bytes": sum(_part_bytes(bundle_dir, f) for f in task_parts.get(name, {}).values()),
             "adapters": [a.describe() for a in adapters],
             "prefix_tokens": prefix.num_tokens if prefix else 0,
             "position_offset": prefix.position_offset if prefix else 0,

@@ -63,7 +63,8 @@ class LoraAdapter:
         return hashlib.sha256("".join(sha256_file(f) for f in [self.weights_file, *self.extra_files]).encode()).hexdigest()
 
     def describe(self) -> dict:
-        parts = sorted({_part(m.module) for m in self.modules} | {_part(k) for k in self.replacements})
+        parts = sorted({_part(m.module) for m in self.modules} | {_part(k) for k in self.replacements}
+                       | {_part(k) for k in self.token_rows})
         return {
             "kind": self.kind,
             "format": self.format,

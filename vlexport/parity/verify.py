@@ -64,12 +64,13 @@ def _bundle_logits(bundle, prompt_ids: list[int], features: np.ndarray, continua
     past, n_prefix, offset = bundle.initial_state(task)
     mask = np.ones((1, n_prefix + ids.shape[1]), dtype=np.int64)
     pos = offset + np.arange(ids.shape[1], dtype=np.int64)[None]
-    logits, past = bundle.decode_step(bundle.embed(ids, features), mask, pos, past, task)
+    logits, past = bundle.decode_step(bundle.embed(ids, features, task), mask, pos, past, task)
     rows = [logits[0, -1]]
     for token in continuation[:-1]:
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
         pos = pos[:, -1:] + 1
-        logits, past = bundle.decode_step(bundle.embed(np.array([[token]], dtype=np.int64), None), mask, pos, past, task)
+        step = np.array([[token]], dtype=np.int64)
+        logits, past = bundle.decode_step(bundle.embed(step, None, task), mask, pos, past, task)
         rows.append(logits[0, -1])
     return np.stack(rows)
 
