@@ -209,3 +209,18 @@ def test_slot_inputs_are_optional_for_hosts_without_adapters(bottleneck_bank, ph
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert tokens == bundle.generate(photos["chelsea"], raw_prompt=prompt, max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("tower,case", [("llama", "options"), ("clip", "parbn"), ("llama", "double_seqbn")])
+def test_plain_safetensors_layout_round_trips(tower, case, tmp_path):
+    """vlexport's documented plain layout carries exactly what the AdapterHub files do."""
+    import numpy as np
+
+    from vlexport.adapters.bottleneck import save_plain
+
+    original = load_adapter(DATA / tower / case)
+    plain = load_adapter(save_plain(original, tmp_path / "adapter.safetensors"))
+    assert plain.kind == "bottleneck" and plain.format == "vlexport-plain" and plain.part == original.part
+    dim = next(iter(original.weights.values()))[0].shape[1]
+    a, b = original.slot_feed(2, dim), plain.slot_feed(2, dim)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

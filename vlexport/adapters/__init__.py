@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import VlexportError
 from .bitfit import BitFitAdapter, read_bitfit_dump, read_peft_beft
-from .bottleneck import BottleneckAdapter, read_adapterhub_bottleneck
+from .bottleneck import BottleneckAdapter, is_plain_bottleneck, read_adapterhub_bottleneck, read_plain_bottleneck
 from .lora import LoraAdapter, read_llava_repo_lora, read_peft_lora
 from .prefix import PrefixAdapter, read_peft_prefix
 
@@ -65,6 +65,8 @@ def detect_kind(path: Path) -> str:
         raise VlexportError(f"'{path}' is a PEFT {what} adapter; this vlexport version supports LoRA, BitFit/BEFT and prefix tuning")
     if path.is_dir():
         raise VlexportError(f"adapter directory '{path}' has no adapter_config.json; pass the weights file instead")
+    if is_plain_bottleneck(path):
+        return "bottleneck"
     from .io import read_tensors
 
     keys = list(read_tensors(path))
@@ -89,7 +91,7 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
     if kind == "prefix":
         return read_peft_prefix(path)
     if kind == "bottleneck":
-        return read_adapterhub_bottleneck(path)
+        return read_plain_bottleneck(path) if is_plain_bottleneck(path) else read_adapterhub_bottleneck(path)
     if kind == "lora":
         if path.is_dir() and (path / "non_lora_trainables.bin").exists():
             return read_llava_repo_lora(path)

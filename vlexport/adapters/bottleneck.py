@@ -44,7 +44,7 @@ class BottleneckAdapter:
 
     @property
     def format(self) -> str:
-        return f"adapterhub-{self.preset}"
+        return "vlexport-plain" if self.preset == "plain" else f"adapterhub-{self.preset}"
 
     @property
     def sha256(self) -> str:
@@ -106,6 +106,74 @@ class BottleneckAdapter:
 
     def without_text_layers_from(self, num_layers: int) -> "BottleneckAdapter":
         raise VlexportError("few-layer parity (--layers) does not support bottleneck tasks yet; verify them in full")
+
+
+PLAIN_FORMAT = "vlexport-bottleneck"
+_PLAIN_KEY = re.compile(r"^layers\.(\d+)\.(attention|mlp)\.(down|up)\.(weight|bias)$")
+_SITE_NAMES = ("attention", "mlp")
+
+
+def save_plain(adapter: "BottleneckAdapter", path: Path) -> Path:
+    """Write `adapter` in vlexport's plain bottleneck layout (README: "A plain bottleneck file"):
+    one .safetensors, tensors layers.N.attention|mlp.down|up.weight|bias, and header metadata format, part,
+    mix "a,b", scaling and activation."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for (layer, site), (down_w, down_b, up_w, up_b) in adapter.weights.items():
+        key = f"layers.{layer}.{_SITE_NAMES[site]}"
+        tensors.update({f"{key}.down.weight": down_w, f"{key}.down.bias": down_b,
+                        f"{key}.up.weight": up_w, f"{key}.up.bias": up_b})
+    meta = {"format": PLAIN_FORMAT, "part": adapter.part, "mix": f"{adapter.mix[0]:g},{adapter.mix[1]:g}",
+            "scaling": repr(float(adapter.mix[2])), "activation": adapter.activation}
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path), metadata=meta)
+    return Path(path)
+
+
+def is_plain_bottleneck(path: Path) -> bool:
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get("format") == PLAIN_FORMAT
+    except Exception:  # not a readable safetensors file: the regular readers report it with their own message
+        return False
+
+
+def read_plain_bottleneck(path: Path) -> "BottleneckAdapter":
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for field_name in ("part", "mix", "scaling", "activation"):
+        if field_name not in meta:
+            raise VlexportError(f"plain bottleneck file '{path}' has no '{field_name}' in its header metadata")
+    if meta["part"] not in ("vision", "decoder"):
+        raise VlexportError(f"plain bottleneck file '{path}': part {meta['part']!r} must be vision or decoder")
+    if meta["activation"] not in ACTIVATIONS:
+        raise VlexportError(f"plain bottleneck file '{path}': activation {meta['activation']!r} is not one of {ACTIVATIONS}")
+    try:
+        a, b = (float(v) for v in meta["mix"].split(","))
+        scaling = float(meta["scaling"])
+    except ValueError:
+        raise VlexportError(f"plain bottleneck file '{path}': mix must be 'a,b' and scaling a number") from None
+    grouped: dict = {}
+    for key, value in state.items():
+        m = _PLAIN_KEY.match(key)
+        if not m:
+            raise VlexportError(f"plain bottleneck file '{path}': tensor '{key}' is not layers.N.attention|mlp.down|up.weight|bias")
+        layer, site, proj, leaf = m.groups()
+        grouped.setdefault((int(layer), _SITE_NAMES.index(site)), {})[f"{proj}.{leaf}"] = value.astype(np.float32)
+    for key, value in state.items():
+        if not np.isfinite(value).all():
+            raise VlexportError(f"plain bottleneck file '{path}': tensor '{key}' has NaN/Inf values; the adapter is corrupt")
+    weights = {k: (t["down.weight"], t["down.bias"], t["up.weight"], t["up.bias"]) for k, t in grouped.items()}
+    return BottleneckAdapter(path=path, weights_file=path, config=dict(meta), part=meta["part"], weights=weights,
+                             mix=(a, b, scaling), activation=meta["activation"], preset="plain")
 
 
 def _refuse(path: Path, option: str, value, why: str) -> VlexportError:
