@@ -224,3 +224,67 @@ def test_plain_safetensors_layout_round_trips(tower, case, tmp_path):
     dim = next(iter(original.weights.values()))[0].shape[1]
     a, b = original.slot_feed(2, dim), plain.slot_feed(2, dim)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+PREFIX_DATA = Path(__file__).parent / "data" / "adapterhub_prefix"
+
+
+@pytest.mark.parametrize("case", ["prefix_mlp", "prefix_flat"])
+def test_adapterhub_prefix_matches_the_library(case):
+    """Reader: the library's own injected keys/values; positions from 0 and P ones in the mask: its logits."""
+    import numpy as np
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    adapter = load_adapter(PREFIX_DATA / case)
+    assert adapter.kind == "prefix" and adapter.format == "adapterhub-prefix" and adapter.position_offset == 0
+    config = LlamaConfig(**json.loads((PREFIX_DATA / "config.json").read_text()))
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = adapter.key_values(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+    golden = load_file(str(PREFIX_DATA / case / "kv.safetensors"))
+    assert max(float(np.abs(kv[k] - golden[k].numpy()).max()) for k in golden) < 1e-5
+
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(load_file(str(PREFIX_DATA / "base_model.safetensors")), strict=False)
+    ids = load_file(str(PREFIX_DATA / "inputs.safetensors"))["input_ids"]
+    batch, length = ids.shape
+    cache = DynamicCache(config=config)
+    for i in range(config.num_hidden_layers):
+        k = torch.from_numpy(kv[f"past_key_values.{i}.key"])[None].expand(batch, -1, -1, -1)
+        v = torch.from_numpy(kv[f"past_key_values.{i}.value"])[None].expand(batch, -1, -1, -1)
+        cache.update(k, v, i)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones(batch, adapter.num_tokens + length, dtype=torch.long),
+                       position_ids=torch.arange(length).expand(batch, -1), cache=cache).logits
+    expected = load_file(str(PREFIX_DATA / case / "outputs.safetensors"))["logits"]
+    assert (logits - expected).abs().max() < 1e-4
+
+
+def test_adapterhub_prefix_task_in_a_llava_bank(tiny_gqa_base, photos, tmp_path):
+    """An AdapterHub prefix (positions from 0) next to a PEFT prefix (positions from P) in one bank."""
+    from transformers import AutoProcessor
+    from typer.testing import CliRunner
+
+    import vlexport
+    from vlexport.backends.torch_reference import build_reference, reference_generate
+    from vlexport.cli import app
+    from vlexport.fixture import make_adapterhub_prefix
+    from tests.test_tasks import make_prefix
+
+    ah = make_adapterhub_prefix(tiny_gqa_base, tmp_path / "ah", prefix_length=4, seed=41, scale=2.0)
+    flat = make_adapterhub_prefix(tiny_gqa_base, tmp_path / "flat", prefix_length=3, flat=True, seed=42, scale=2.0)
+    peft = make_prefix(tiny_gqa_base, tmp_path / "peft", seed=43, tokens=4, projection=False)
+    out = tmp_path / "b"
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_gqa_base), "--adapter", f"ah={ah}", "--adapter", f"flat={flat}",
+                                 "--adapter", f"peft={peft}", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tasks"]["ah"]["position_offset"] == 0 and manifest["tasks"]["peft"]["position_offset"] == 4
+    bundle = vlexport.load(out)
+    processor = AutoProcessor.from_pretrained(str(tiny_gqa_base))
+    prompt = "USER: <image>\nWhat is it? ASSISTANT:"
+    outputs = {}
+    for task, path in (("ah", ah), ("flat", flat), ("peft", peft)):
+        expected = reference_generate(build_reference(tiny_gqa_base, [load_adapter(path)]), processor, photos["astronaut"], prompt, 32)
+        outputs[task] = bundle.generate(photos["astronaut"], raw_prompt=prompt, max_new_tokens=32, task=task).token_ids
+        assert outputs[task] == expected
+    assert len({tuple(v) for v in outputs.values()}) == 3

@@ -318,3 +318,39 @@ def make_adapterhub_bottleneck(base_dir: str | Path, out_dir: str | Path, tower:
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     torch.save(state, out / "pytorch_adapter.bin")
     return out
+
+
+def make_adapterhub_prefix(base_dir: str | Path, out_dir: str | Path, prefix_length: int = 4, flat: bool = False,
+                           seed: int = 5, scale: float = 1.0) -> Path:
+    """A prefix-tuning adapter for a LLaVA base's language model in the files AdapterHub's save_adapter writes
+    (the pool's keys model.prefix_tuning.prefix_tunings.NAME.self_prefix.*; MLP or flat), non-trivial values."""
+    import json
+
+    import torch
+
+    text = json.loads((Path(base_dir) / "config.json").read_text())["text_config"]
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    kv, head_dim = text.get("num_key_value_heads") or text["num_attention_heads"], hidden // text["num_attention_heads"]
+    n = layers * 2 * kv * head_dim
+    name = "llava_prefix"
+    key = f"model.prefix_tuning.prefix_tunings.{name}.self_prefix"
+    g = torch.Generator().manual_seed(seed)
+    if flat:
+        state = {f"{key}.control_trans": scale * torch.randn(prefix_length * n, generator=g)}
+    else:
+        bottleneck = 32
+        state = {f"{key}.wte.weight": torch.randn(prefix_length, hidden, generator=g),
+                 f"{key}.control_trans.0.weight": 0.3 * torch.randn(bottleneck, hidden, generator=g),
+                 f"{key}.control_trans.0.bias": 0.3 * torch.randn(bottleneck, generator=g),
+                 f"{key}.control_trans.2.weight": scale * torch.randn(n, bottleneck, generator=g),
+                 f"{key}.control_trans.2.bias": scale * torch.randn(n, generator=g)}
+    cfg = {"architecture": "prefix_tuning", "bottleneck_size": 32, "cross_prefix": True, "dropout": 0.0,
+           "encoder_prefix": True, "flat": flat, "leave_out": [], "non_linearity": "tanh",
+           "prefix_length": prefix_length, "shared_gating": True, "use_gating": False}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"config": cfg, "hidden_size": hidden, "model_class": "LlamaForCausalLM", "model_name": "",
+            "model_type": "llama", "name": name, "version": "adapters.1.3.0"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    torch.save(state, out / "pytorch_adapter.bin")
+    return out

@@ -12,7 +12,7 @@ from ..errors import VlexportError
 from .bitfit import BitFitAdapter, read_bitfit_dump, read_peft_beft
 from .bottleneck import BottleneckAdapter, is_plain_bottleneck, read_adapterhub_bottleneck, read_plain_bottleneck
 from .lora import LoraAdapter, read_llava_repo_lora, read_peft_lora
-from .prefix import PrefixAdapter, read_peft_prefix
+from .prefix import PrefixAdapter, read_adapterhub_prefix, read_peft_prefix
 
 Adapter = LoraAdapter | BitFitAdapter | PrefixAdapter | BottleneckAdapter
 KINDS = ("lora", "bitfit", "prefix", "bottleneck")
@@ -56,9 +56,11 @@ def detect_kind(path: Path) -> str:
         architecture = (json.loads((folder / "adapter_config.json").read_text())["config"]).get("architecture")
         if architecture in (None, "bottleneck"):
             return "bottleneck"
+        if architecture == "prefix_tuning":
+            return "prefix"
         raise VlexportError(
-            f"'{path}' is an AdapterHub {architecture} adapter; vlexport reads AdapterHub bottleneck adapters, and "
-            "LoRA/prefix tuning in PEFT's format"
+            f"'{path}' is an AdapterHub {architecture} adapter; vlexport reads AdapterHub bottleneck and prefix "
+            "tuning adapters, and LoRA in PEFT's format"
         )
     if peft_type is not None:
         what = _NOT_YET.get(peft_type, peft_type)
@@ -89,7 +91,7 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
     kind = kind or detect_kind(path)
     folder = path if path.is_dir() else path.parent
     if kind == "prefix":
-        return read_peft_prefix(path)
+        return read_adapterhub_prefix(path) if _peft_type(folder) == "ADAPTERHUB" else read_peft_prefix(path)
     if kind == "bottleneck":
         return read_plain_bottleneck(path) if is_plain_bottleneck(path) else read_adapterhub_bottleneck(path)
     if kind == "lora":

@@ -1,4 +1,5 @@
-"""Prefix tuning (PEFT): compiled at build time into per-layer key/value tensors, a pack the runtime feeds.
+"""Prefix tuning (PEFT and AdapterHub): compiled at build time into per-layer key/value tensors, a pack the
+runtime feeds.
 
 PEFT saves only `prompt_embeddings` [P, L*2*token_dim], already after its optional projection MLP, with
 token_dim = num_key_value_heads * head_dim. Viewed as [P, 2L, kv, hd] and permuted, slot 2l is layer l's keys and
@@ -23,7 +24,7 @@ class PrefixAdapter:
     weights_file: Path
     config: dict
     embeddings: object  # torch tensor [P, L*2*token_dim]
-    format: str = "peft-prefix"
+    format: str = "peft-prefix"  # or "adapterhub-prefix"
     kind: str = "prefix"
 
     @property
@@ -36,8 +37,8 @@ class PrefixAdapter:
 
     @property
     def position_offset(self) -> int:
-        """First RoPE position of the real tokens: PEFT continues after the prefix."""
-        return self.num_tokens
+        """First RoPE position of the real tokens: PEFT continues after the prefix, AdapterHub starts at 0."""
+        return 0 if self.format == "adapterhub-prefix" else self.num_tokens
 
     @property
     def sha256(self) -> str:
@@ -96,3 +97,54 @@ def read_peft_prefix(path: Path) -> PrefixAdapter:
             f"[num_virtual_tokens={config.get('num_virtual_tokens')}, layers*2*kv_dim]"
         )
     return PrefixAdapter(path=path, weights_file=weights, config=config, embeddings=emb)
+
+
+_ACTIVATIONS = {"tanh": "tanh", "relu": "relu", "gelu": "gelu", "swish": "silu", "silu": "silu"}
+
+
+def read_adapterhub_prefix(path: Path) -> PrefixAdapter:
+    import torch
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    meta = read_json(folder / "adapter_config.json")
+    config = meta.get("config") or {}
+    if meta.get("model_class") not in ("LlamaForCausalLM", "LlamaModel"):
+        raise VlexportError(
+            f"AdapterHub prefix adapter '{path}': model_class {meta.get('model_class')!r}; vlexport reads prefixes "
+            "trained on the language model (LlamaForCausalLM or LlamaModel)"
+        )
+    for option, why in (("use_gating", "its gate averages over the whole sequence, which a KV cache cannot replay"),):
+        if config.get(option):
+            raise VlexportError(f"AdapterHub prefix adapter '{path}': option {option}=True is not supported ({why})")
+    if config.get("leave_out"):
+        raise VlexportError(
+            f"AdapterHub prefix adapter '{path}': option leave_out={config['leave_out']} is not supported (every "
+            "decoder layer gets the same prefix length in vlexport's cache)"
+        )
+    act = _ACTIVATIONS.get(str(config.get("non_linearity", "tanh")).lower())
+    if act is None:
+        raise VlexportError(f"AdapterHub prefix adapter '{path}': non_linearity {config.get('non_linearity')!r} is "
+                            f"not supported ({', '.join(sorted(_ACTIVATIONS))})")
+    weights = folder / "pytorch_adapter.bin"
+    state = read_tensors(weights)
+    check_finite(state, weights)
+    # save_adapter also writes per-layer aliases of the one shared pool; read the pool's own copy.
+    own = {k.split(".self_prefix.", 1)[1]: v for k, v in state.items()
+           if k.startswith("model.prefix_tuning.prefix_tunings.") or k.startswith("prefix_tuning.prefix_tunings.")}
+    P = int(config.get("prefix_length", 0))
+    if config.get("flat"):
+        if set(own) != {"control_trans"}:
+            raise VlexportError(f"AdapterHub flat prefix '{weights}' should hold one control_trans tensor; found {sorted(own)}")
+        emb = own["control_trans"].float().reshape(P, -1)
+    else:
+        need = {"wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight", "control_trans.2.bias"}
+        if not need <= set(own):
+            raise VlexportError(f"AdapterHub prefix '{weights}' lacks {sorted(need - set(own))}")
+        fn = getattr(torch.nn.functional, act) if act in ("gelu", "silu", "relu") else torch.tanh
+        with torch.no_grad():
+            hidden = fn(own["wte.weight"].float() @ own["control_trans.0.weight"].float().T + own["control_trans.0.bias"].float())
+            emb = hidden @ own["control_trans.2.weight"].float().T + own["control_trans.2.bias"].float()
+    if emb.shape[0] != P:
+        raise VlexportError(f"AdapterHub prefix '{weights}': {emb.shape[0]} prefix rows but prefix_length is {P}")
+    return PrefixAdapter(path=path, weights_file=weights, config=config, embeddings=emb, format="adapterhub-prefix")

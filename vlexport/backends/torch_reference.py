@@ -40,7 +40,7 @@ def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | 
         return model
     if len(prefixes) > 1:
         raise ValueError("one prefix per reference")
-    if hasattr(model, "peft_config"):
+    if hasattr(model, "peft_config") or prefixes[0].format != "peft-prefix":
         return PrefixReference(model, prefixes[0])
     from peft import PeftModel
 
@@ -52,8 +52,9 @@ def _folder(path: Path) -> Path:
 
 
 class PrefixReference(torch.nn.Module):
-    """PEFT prefix tuning's forward, re-implemented on any model: the prefix keys/values fill the cache first, the
-    attention mask gets P ones in front, and positions continue after the prefix (HF derives them from the cache)."""
+    """Prefix tuning's forward, re-implemented on any model: the prefix keys/values fill the cache first and the
+    attention mask gets P ones in front. Positions follow the library that trained it: PEFT continues after the
+    prefix (HF derives that from the cache), AdapterHub starts the real tokens at 0."""
 
     def __init__(self, model, prefix: PrefixAdapter):
         super().__init__()
@@ -63,6 +64,7 @@ class PrefixReference(torch.nn.Module):
         self.text_config = cfg
         self.kv = {k: torch.from_numpy(v) for k, v in prefix.key_values(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim).items()}
         self.num_tokens = prefix.num_tokens
+        self.position_offset = prefix.position_offset
 
     def get_base_model(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -79,6 +81,8 @@ class PrefixReference(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([torch.ones(batch, self.num_tokens, dtype=attention_mask.dtype), attention_mask], dim=1)
+        if self.position_offset != self.num_tokens and "position_ids" not in kwargs:
+            kwargs["position_ids"] = (self.position_offset + torch.arange(input_ids.shape[1])).expand(batch, -1)
         return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask, cache=cache, **kwargs)
 
 
