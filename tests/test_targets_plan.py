@@ -220,3 +220,20 @@ def test_tensorrt_backend_needs_built_engines(orin_bundle, full_bundle, tmp_path
     assert r.exit_code == 2 and "engines are not built yet" in " ".join(r.output.split())
     r = CliRunner().invoke(app, [command, str(full_bundle), "--backend", "tensorrt", *extra])
     assert r.exit_code == 2 and "no TensorRT target" in " ".join(r.output.split())
+
+
+def test_orin_bank_with_bottleneck_slots_is_planned_and_importable(tiny_base, tmp_path):
+    """Slot inputs' dynamic bottleneck width is covered by the engine profiles (0 = no adapter)."""
+    from vlexport.fixture import make_adapterhub_bottleneck
+
+    adapter = make_adapterhub_bottleneck(tiny_base, tmp_path / "a", "language", "double_seqbn")
+    out = tmp_path / "bank"
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"vqa={adapter}", "--target",
+                                 "jetson-orin", "-o", str(out), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    generation = manifest["engines"]["parts"]["decoder"]["profiles"][1]
+    assert generation["decoder_adapter.down_weight"][0][2] == 0 and generation["decoder_adapter.down_weight"][2][2] == 256
+    assert "decoder_adapter.down_weight:2x2x0x64" in (out / "engines" / "build.sh").read_text()
+    r = CliRunner().invoke(app, ["check-trt", str(out), "--trt-version", "10.3"])
+    assert r.exit_code == 0, r.output

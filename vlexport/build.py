@@ -106,7 +106,7 @@ def check_buildable(target) -> None:
 
 
 def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, slots: dict, rel_tol: float,
-                       stages: dict, log) -> dict:
+                       stages: dict, log, slot_defaults: bool) -> dict:
     """Tasks with their own LoRA/BitFit: the parts it changes, exported again with it merged (a copy per task)."""
     out = {}
     for name, task_adapters in tasks.items():
@@ -121,7 +121,7 @@ def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, 
             if spec.name not in wanted:
                 continue
             path = export_part(spec, tmp / "tasks" / name / f"{spec.name}.onnx")
-            if spec.name in slots:
+            if spec.name in slots and slot_defaults:
                 add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
             check_part(spec, path, rel_tol)
             out.setdefault(name, {})[spec.name] = path.relative_to(tmp).as_posix()
@@ -177,7 +177,9 @@ def build(
         for spec in part_specs(model, facts, frozenset(slots)):
             t = time.perf_counter()
             path = export_part(spec, tmp / f"{spec.name}.onnx")
-            if spec.name in slots:
+            if spec.name in slots and prof.backend == "onnxruntime":
+                # Optional slot inputs for ONNX Runtime hosts. Not for TensorRT: its ONNX parser treats an input
+                # that has an initializer as a constant, which would freeze the slot.
                 add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
             check = check_part(spec, path, rel_tol)
             seconds = time.perf_counter() - t
@@ -186,7 +188,8 @@ def build(
             parts[spec.name] = {"file": path.name, "precision": "fp32", **onnx_io(path), "export_check": check}
             log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
         del model
-        task_parts = _export_task_parts(tmp, base, loaded, tasks, facts, slots, rel_tol, stages, log)
+        task_parts = _export_task_parts(tmp, base, loaded, tasks, facts, slots, rel_tol, stages, log,
+                                        slot_defaults=prof.backend == "onnxruntime")
 
         _copy_tokenizer(base, tmp)
         spec = assets["image_spec"]

@@ -15,6 +15,13 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 def dimension_ranges(part: str, phase: str, shapes: dict, num_image_tokens: int) -> dict[str, tuple[int, int, int]]:
     """Symbolic dimension name -> (min, opt, max) for one part and phase ('context' or 'generation')."""
+    # Bottleneck slot width: 0 (no adapter) up to the widest adapter the profile allows, tuned for a typical one.
+    max_width = int(shapes.get("adapter_width", 256))
+    width = {f"{part}_adapter_width": (0, min(64, max_width), max_width)}
+    return {**width, **_ranges(part, phase, shapes, num_image_tokens)}
+
+
+def _ranges(part: str, phase: str, shapes: dict, num_image_tokens: int) -> dict[str, tuple[int, int, int]]:
     batch = tuple(shapes["batch"])
     images = tuple(b * i for b, i in zip(shapes["batch"], shapes["images"]))
     prompt = tuple(shapes["prompt_tokens"])
