@@ -16,7 +16,7 @@ from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
 from .plan import BYTES, check_fits, parameter_counts, plan_memory
 from .target import load_target
-from .export.parts import _feature_indices
+from .export.parts import feature_indices
 from .tasks import load_bank, merged_parts, slot_geometry, write_packs
 
 
@@ -166,7 +166,7 @@ def build(
     for task_adapters in tasks.values():
         for a in task_adapters:
             a.validate(model)
-    vision_layers = max(_feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
+    vision_layers = max(feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
     slots = slot_geometry(tasks, facts, vision_layers, model.config.vision_config.hidden_size)
     stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
     log(f"merged {len(loaded)} adapter(s) into the base in fp32")

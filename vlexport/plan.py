@@ -19,14 +19,14 @@ GIB = 1024**3
 
 def parameter_counts(config: dict) -> dict[str, int]:
     """Parameters of each exported part (vision counts only the CLIP layers LLaVA reads)."""
-    from .export.parts import _feature_indices
+    from .export.parts import feature_indices
 
     facts = facts_from_config(config)
     v = config["vision_config"]
     hv, iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
     patch, size = v.get("patch_size", 14), v.get("image_size", 224)
     n_pos = (size // patch) ** 2 + 1
-    layers_run = max(_feature_indices(facts.vision_feature_layer, nv))
+    layers_run = max(feature_indices(facts.vision_feature_layer, nv))
     n_feature_layers = len(facts.vision_feature_layer) if isinstance(facts.vision_feature_layer, list) else 1
     per_vision_layer = 4 * (hv * hv + hv) + 4 * hv + (hv * iv + iv) + (iv * hv + hv)
     vision = 3 * patch * patch * hv + hv + n_pos * hv + 2 * hv + layers_run * per_vision_layer

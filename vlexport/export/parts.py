@@ -31,7 +31,7 @@ def bottleneck_slot(x, h, layer: int, site: int, slot):
     return x + h + mix[2] * y
 
 
-def _feature_indices(feature_layer, num_layers: int) -> list[int]:
+def feature_indices(feature_layer, num_layers: int) -> list[int]:
     """hidden_states indices (0 = embeddings output) for LLaVA's vision_feature_layer."""
     layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
     return [k if k >= 0 else num_layers + 1 + k for k in layers]
@@ -50,7 +50,7 @@ class VisionPart(nn.Module):
         tower = model.model.vision_tower
         self.embeddings = tower.embeddings
         self.pre_layrnorm = tower.pre_layrnorm
-        self.indices = _feature_indices(cfg.vision_feature_layer, len(tower.encoder.layers))
+        self.indices = feature_indices(cfg.vision_feature_layer, len(tower.encoder.layers))
         self.layers = nn.ModuleList(tower.encoder.layers[: max(self.indices)])
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
         self.projector = model.model.multi_modal_projector
