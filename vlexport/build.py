@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -15,6 +16,7 @@ from .errors import VlexportError
 from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import check_base_dir, facts_from_config, fingerprint, load_llava
 from .plan import BYTES, check_fits, parameter_counts, plan_memory
+from .precision import int8_options
 from .target import load_target
 from .export.parts import feature_indices
 from .tasks import load_bank, merged_parts, slot_geometry, write_packs
@@ -89,24 +91,72 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_buildable(target) -> None:
+def check_buildable(target, int8) -> None:
     """Precisions this version can produce for the target's backend."""
-    if target.backend == "onnxruntime":
-        lower = {p: v for p, v in target.precision.items() if v != "fp32"}
-        if lower:
-            raise VlexportError(
-                f"target '{target.name}' asks for {', '.join(f'{p}={v}' for p, v in lower.items())} on ONNX Runtime; "
-                "this version builds FP32 ONNX Runtime parts only: use --target cpu, or plan with `vlexport plan`"
-            )
-    elif "int8" in target.precision.values():
+    if target.precision["embed"] == "int8":
         raise VlexportError(
-            f"target '{target.name}' asks for INT8 TensorRT engines, which need a calibrated Q/DQ graph that this "
-            "version does not make yet; use --precision vision=fp16,embed=fp16,decoder=fp16"
+            f"target '{target.name}' asks for embed=int8: the embedding part is a table lookup (one row per token), "
+            "which INT8 would make smaller but not faster, and vlexport does not build it; use embed=fp16 or fp32"
+        )
+    if target.backend == "tensorrt" and target.precision["decoder"] == "int8" and int8.decoder == "weight-only":
+        raise VlexportError(
+            f"target '{target.name}': INT8 weight-only decoders are built for ONNX Runtime (MatMulNBits) only; "
+            "for TensorRT use --int8 decoder=w8a8 (the calibrated Q/DQ graph)"
+        )
+    if target.backend == "tensorrt" and int8.form == "dynamic":
+        raise VlexportError(
+            f"target '{target.name}': TensorRT cannot import dynamic INT8 (DynamicQuantizeLinear, MatMulInteger); "
+            "drop --int8 form=dynamic (TensorRT targets use the Q/DQ graph)"
         )
 
 
+def _smoothquant(model, base: Path, assets: dict, adapters: list, opts, precision: dict, calib, log) -> dict | None:
+    """Channel maxima on the calibration set (cached per base, adapters and set), folded into the model in place."""
+    import hashlib
+
+    import numpy as np
+
+    from .precision import calibration, smoothquant
+
+    parts = opts.smoothed_parts(precision)
+    if not parts:
+        return None
+    key = hashlib.sha256("|".join([fingerprint(base), *[a.sha256 for a in adapters], calibration.calib_fingerprint(calib),
+                                   *sorted(parts)]).encode()).hexdigest()[:24]
+    path = calibration.cache_root() / "smoothquant" / f"{key}.npz"
+    if path.exists():
+        maxima = dict(np.load(path))
+        log(f"SmoothQuant: reusing channel maxima from {path}")
+    else:
+        from transformers import AutoProcessor
+
+        from .runtime import _render_chat_template
+
+        cases = calibration.calib_cases(calib)
+
+        def chat(prompt):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return _render_chat_template(assets["chat_template"], messages, add_generation_prompt=True,
+                                         bos_token=assets["bos_token"], eos_token=assets["eos_token"])
+
+        texts = [calibration.prompt_text(c, chat) for c in cases]
+        maxima = smoothquant.activation_maxima(model, AutoProcessor.from_pretrained(str(base)), cases, texts, parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **maxima)
+        log(f"SmoothQuant: channel maxima measured on {len(cases)} calibration cases, saved to {path}")
+    return {"parts": sorted(parts), "alpha": opts.smoothquant_alpha, "maxima": maxima}
+
+
+def _apply_smoothing(model, smoothing: dict | None) -> int:
+    from .precision import smoothquant
+
+    if not smoothing:
+        return 0
+    return smoothquant.smooth(model, smoothing["maxima"], smoothing["alpha"], set(smoothing["parts"]))
+
+
 def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, slots: dict, rel_tol: float,
-                       stages: dict, log, slot_defaults: bool) -> dict:
+                       stages: dict, log, slot_defaults: bool, smoothing: dict | None) -> dict:
     """Tasks with their own LoRA/BitFit: the parts it changes, exported again with it merged (a copy per task)."""
     out = {}
     for name, task_adapters in tasks.items():
@@ -116,6 +166,7 @@ def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, 
         t = time.perf_counter()
         model = load_llava(base)
         merge_adapters(model, [*loaded, *own])
+        _apply_smoothing(model, smoothing)  # the base's channel maxima; the fold is exact for any weights
         wanted = merged_parts(own)
         for spec in part_specs(model, facts, frozenset(slots)):
             if spec.name not in wanted:
@@ -139,6 +190,8 @@ def build(
     adapter_kind: str | None = None,
     verify: bool = True,
     precision: dict | None = None,
+    int8: str | None = None,
+    calib: str | Path | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`."""
@@ -146,7 +199,12 @@ def build(
     check_output_path(out, force)
     config = check_base_dir(base)
     prof = load_target(target).with_precision(precision or {})
-    check_buildable(prof)
+    int8_opts = int8_options(prof.int8, int8)
+    check_buildable(prof, int8_opts)
+    if "int8" in prof.precision.values():
+        from .precision.calibration import calib_cases
+
+        calib_cases(calib)  # a bad calibration folder fails now, not after the export
     facts = facts_from_config(config)
     assets = read_text_assets(base)
     loaded, tasks = load_bank(adapters, adapter_kind)
@@ -170,6 +228,12 @@ def build(
     slots = slot_geometry(tasks, facts, vision_layers, model.config.vision_config.hidden_size)
     stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
     log(f"merged {len(loaded)} adapter(s) into the base in fp32")
+    t = time.perf_counter()
+    smoothing = _smoothquant(model, base, assets, loaded, int8_opts, prof.precision, calib, log)
+    if smoothing:
+        n = _apply_smoothing(model, smoothing)
+        stages["smoothquant"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
+        log(f"SmoothQuant (alpha {smoothing['alpha']}): {n} norm/linear groups in {', '.join(smoothing['parts'])} rescaled")
 
     rel_tol = prof.thresholds("fp32")["export_rel_tol"]
     with atomic_directory(out, force) as tmp:
@@ -184,12 +248,13 @@ def build(
             check = check_part(spec, path, rel_tol)
             seconds = time.perf_counter() - t
             stages[f"export_{spec.name}"] = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
-            # The ONNX parts are FP32; a TensorRT target's lower precision is applied when its engines are built.
+            # Exported FP32; lower_parts below lowers them for ONNX Runtime, and makes TensorRT's INT8 Q/DQ graphs.
+            # TensorRT lowers the rest to FP16 when it builds the engines.
             parts[spec.name] = {"file": path.name, "precision": "fp32", **onnx_io(path), "export_check": check}
             log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
         del model
         task_parts = _export_task_parts(tmp, base, loaded, tasks, facts, slots, rel_tol, stages, log,
-                                        slot_defaults=prof.backend == "onnxruntime")
+                                        slot_defaults=prof.backend == "onnxruntime", smoothing=smoothing)
 
         _copy_tokenizer(base, tmp)
         spec = assets["image_spec"]
@@ -228,11 +293,29 @@ def build(
             "generation": {"eos_token_ids": _eos_ids(base, facts)},
             "build": {"stages": stages},
         }
+        if set(prof.precision.values()) - {"fp32"}:
+            from .precision import lower_parts
+
+            lower_parts(tmp, manifest, prof, int8_opts, calib, log, stages)
+            manifest["precision"] = {
+                "parts": {name: part["precision"] for name, part in parts.items()},
+                "int8": dataclasses.asdict(int8_opts) if "int8" in prof.precision.values() else None,
+                "smoothquant": {"parts": smoothing["parts"], "alpha": smoothing["alpha"]} if smoothing else None,
+                "calibration_set": str(calib) if calib else "calib/ (default)",
+            }
         if verify:
             from .parity.verify import verify_directory
+            from .precision import failing_int8_parts, restore_fp32
 
             t = time.perf_counter()
             report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, log=log)
+            # The last step of the fallback: an INT8 part that fails the gate on verify's data ships in FP32.
+            while not report["passed"] and int8_opts.fallback and failing_int8_parts(manifest, report):
+                for part in failing_int8_parts(manifest, report):
+                    restore_fp32(tmp, manifest, part, f"INT8 failed the parity gate ({report['summary']})")
+                    log(f"{part}: INT8 failed the parity gate ({report['summary']}); shipping it in FP32")
+                manifest["precision"]["parts"] = {name: part["precision"] for name, part in parts.items()}
+                report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, log=log)
             stages["verify"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
             (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
             manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"]}
@@ -240,6 +323,9 @@ def build(
                 from .errors import ParityError
 
                 raise ParityError(f"parity check failed: {report['summary']}; the bundle was not written")
+        from .precision import drop_fp32_originals
+
+        drop_fp32_originals(tmp, manifest)
         if prof.backend == "tensorrt":
             from .engines import plan_engines
 

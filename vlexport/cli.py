@@ -52,15 +52,18 @@ def build(
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the parity check against PyTorch (default on)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Override the target per part: vision=fp16,decoder=fp16."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Override the target per part: vision=int8,decoder=fp16."),
+    int8: Optional[str] = typer.Option(None, "--int8", help="Override the target's [int8] options: calibration=entropy,decoder=weight-only,fallback=false,form=qdq,smoothquant_alpha=0.5."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration folder (images + prompts.jsonl); default calib/."),
 ):
-    """Merge adapters into the base, export vision/embed/decoder to ONNX, check them and write a bundle."""
+    """Merge adapters into the base, export vision/embed/decoder to ONNX, lower their precision, check them and write a bundle."""
     from .build import build as run_build
     from .target import parse_precision_overrides
 
     with console.status("building bundle..."):
         manifest = run_build(base, adapter, output, target=target, force=force, adapter_kind=adapter_kind,
-                             verify=verify, precision=parse_precision_overrides(precision), log=_log)
+                             verify=verify, precision=parse_precision_overrides(precision), int8=int8, calib=calib,
+                             log=_log)
     engines = manifest.get("engines")
     if engines and engines["status"] == "planned":
         out.print(f"[yellow]TensorRT engines were not built on this machine[/] ({engines['reason']}). "
@@ -191,6 +194,7 @@ def bench(
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write a markdown table here."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure peak RSS in fresh processes."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
+    compare: list[Path] = typer.Option([], "--compare", help="Other bundles of the same model (e.g. FP16, INT8): per-part latency of all against PyTorch eager, in one run."),
 ):
     """Latency and memory of the bundle against PyTorch eager, measured in one run; ratios > 1 favour the bundle."""
     from rich.markdown import Markdown
@@ -201,6 +205,19 @@ def bench(
         ctx = tuple(int(c) for c in contexts.split(","))
     except ValueError:
         raise VlexportError(f"--contexts '{contexts}': expected integers separated by commas, e.g. 64,300,1000") from None
+    if compare:
+        from .bench import precision
+
+        with console.status("benchmarking parts..."):
+            result = precision.run_precision_bench([bundle, *compare], threads=threads, contexts=ctx, repeats=repeats, log=_log)
+        table = precision.markdown(result)
+        if markdown_file:
+            markdown_file.write_text(table)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            out.print(Markdown(table))
+        return
     with console.status("benchmarking..."):
         result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss, backend=backend, log=_log)
     table = markdown(result)
@@ -318,6 +335,7 @@ def fixture_llava(
     preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa | 7b-shaped"),
     seed: int = typer.Option(0, "--seed"),
     config_only: bool = typer.Option(False, "--config-only", help="Write config.json only (enough for `vlexport plan`)."),
+    outliers: bool = typer.Option(False, "--outliers", help="Inject the activation outliers of trained LLMs (same function, INT8-hostile ranges)."),
 ):
     """A seeded random LLaVA in the Hugging Face layout."""
     from .fixture import make_llava, write_llava_config
@@ -325,7 +343,7 @@ def fixture_llava(
     if config_only:
         write_llava_config(out_dir, preset)
     else:
-        make_llava(out_dir, preset, seed)
+        make_llava(out_dir, preset, seed, outliers=outliers)
     out.print(f"wrote {preset} LLaVA to {out_dir}")
 
 

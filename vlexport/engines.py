@@ -29,6 +29,13 @@ def device_mismatch(target: Target) -> str | None:
     return None
 
 
+def _engine_precision(onnx_precision: str, wanted: str) -> str:
+    """INT8 engines only from a Q/DQ part: a part left in FP32 (INT8 failed its gate) builds as FP16 instead."""
+    if onnx_precision == "int8":
+        return "int8"
+    return "fp16" if wanted == "int8" else wanted
+
+
 def engine_parts(manifest: dict, target: Target) -> dict:
     profiles = bundle_profiles(manifest, target.shapes)
     dla = bool(target.builder.get("dla_vision")) and target.dla_cores > 0
@@ -36,7 +43,7 @@ def engine_parts(manifest: dict, target: Target) -> dict:
         name: {
             "file": f"engines/{name}.engine",
             "onnx": part["file"],
-            "precision": target.precision[name],
+            "precision": _engine_precision(part["precision"], target.precision[name]),
             "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles[name]],
             "dla_core": 0 if (dla and name == "vision") else None,
         }

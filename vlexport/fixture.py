@@ -101,8 +101,10 @@ def build_tokenizer(vocab_size: int, seed: int):
     return tok
 
 
-def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a complete llava-hf style directory: config, safetensors, tokenizer, processor, chat template."""
+def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outliers: bool = False) -> Path:
+    """Write a complete llava-hf style directory: config, safetensors, tokenizer, processor, chat template.
+
+    outliers=True injects the activation outliers real models have (see inject_outliers)."""
     import torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -142,6 +144,16 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path
             if name.endswith("bias") or "norm" in name:
                 base = 1.0 if name.endswith("weight") else 0.0
                 param.copy_(base + 0.05 * torch.randn(param.shape, generator=g))
+        # GPT-2's scaled init for the projections that write into the residual stream (1/sqrt(2 * layers)): without
+        # it a deep random decoder is chaotic, and any rounding (FP16, INT8) moves its logits far more than it moves
+        # a trained model's, so no precision gate could be judged on it.
+        lm = model.model.language_model
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.mul_((2 * len(lm.layers)) ** -0.5)
+            layer.mlp.down_proj.weight.mul_((2 * len(lm.layers)) ** -0.5)
+        _fit_output_layer(model, raw_tok, seed)
+        if outliers:
+            inject_outliers(model, seed)
     model.save_pretrained(out, safe_serialization=True)
 
     image_processor = CLIPImageProcessor(
@@ -158,6 +170,86 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path
     )
     processor.save_pretrained(out)
     return out
+
+
+LOGIT_STD = 4.0
+OUTPUT_FIT_TOKENS = 8192
+
+
+def _fit_output_layer(model, raw_tok, seed: int) -> None:
+    """Give lm_head a trained model's confidence: rows are the centred mean final hidden state before each next token.
+
+    Random init spreads next-token probability almost uniformly (top-1 probability near 1/vocab), so top-1 agreement
+    under any rounding is a coin toss and no FP16 or INT8 gate could be judged. Class means over fixture text make a
+    nearest-centroid read-out, a bigram-like language model: mean top-1 probability about 0.6 on text, with ties as
+    rare as in a trained LLM. Logits are scaled to a std of LOGIT_STD."""
+    import torch
+
+    lm = model.model.language_model
+    ids: list[int] = []
+    for line in _corpus(seed + 99, 4000):
+        ids += raw_tok.encode(line).ids
+        if len(ids) >= OUTPUT_FIT_TOKENS:
+            break
+    ids_t = torch.tensor(ids[:OUTPUT_FIT_TOKENS - OUTPUT_FIT_TOKENS % 256]).view(-1, 256)
+    hidden = torch.cat([lm(input_ids=ids_t[i:i + 8]).last_hidden_state.flatten(0, 1) for i in range(0, len(ids_t), 8)])
+    targets = torch.cat([torch.cat([row[1:], row[-1:]]) for row in ids_t])
+    hidden = hidden - hidden.mean(0)
+    vocab, dim = model.lm_head.weight.shape
+    rows = torch.zeros(vocab, dim).index_add_(0, targets, hidden)
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    g = torch.Generator().manual_seed(seed + 7)
+    model.lm_head.weight.copy_(rows + 0.3 * torch.randn(vocab, dim, generator=g) / dim**0.5)
+    std = model(input_ids=ids_t[:1]).logits.std()
+    model.lm_head.weight.mul_(LOGIT_STD / std)
+
+
+# Outlier magnitudes of real LLMs: a few hidden channels 20-100x the rest (Dettmers et al. 2022, "LLM.int8()"), and
+# single MLP channels far larger still in a few layers (Sun et al. 2024, "Massive activations").
+HIDDEN_OUTLIER_FACTORS = (20.0, 40.0, 60.0, 80.0)
+MLP_OUTLIER_FACTOR = 1000.0
+
+
+def inject_outliers(model, seed: int = 0) -> dict:
+    """Give a random-weight LLaVA the activation outliers of a trained one, without changing what it computes.
+
+    Hidden-channel outliers: a norm's weight grows by f on a few channels and the columns of the linears it feeds
+    shrink by f (LLM.int8()'s systematic outlier dimensions: the same channels in every layer, in both towers).
+    MLP outliers: in two decoder layers, one row of up_proj grows by 1000 and the matching column of down_proj shrinks
+    by 1000, so the down projection's input carries one huge channel that no norm precedes. In exact arithmetic the
+    model is unchanged; only the ranges its matrix products see differ, which is what breaks naive INT8.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    lm, tower = model.model.language_model, model.model.vision_tower
+    factors = torch.tensor(HIDDEN_OUTLIER_FACTORS)
+
+    def scale(norm, linears, channels):
+        norm.weight[channels] *= factors[: len(channels)]
+        if getattr(norm, "bias", None) is not None:
+            norm.bias[channels] *= factors[: len(channels)]
+        for lin in linears:
+            lin.weight[:, channels] /= factors[: len(channels)]
+
+    text_channels = torch.randperm(lm.config.hidden_size, generator=g)[: len(factors)]
+    for layer in lm.layers:
+        scale(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], text_channels)
+        scale(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj], text_channels)
+    scale(lm.norm, [model.lm_head], text_channels)
+    mlp_layers = sorted({1 % len(lm.layers), len(lm.layers) - 1})
+    mlp_channels = []
+    for i in mlp_layers:
+        j = int(torch.randint(lm.config.intermediate_size, (1,), generator=g))
+        lm.layers[i].mlp.up_proj.weight[j, :] *= MLP_OUTLIER_FACTOR
+        lm.layers[i].mlp.down_proj.weight[:, j] /= MLP_OUTLIER_FACTOR
+        mlp_channels.append(j)
+    vision_channels = torch.randperm(tower.config.hidden_size, generator=g)[: len(factors)]
+    for layer in tower.encoder.layers:
+        scale(layer.layer_norm1, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], vision_channels)
+        scale(layer.layer_norm2, [layer.mlp.fc1], vision_channels)
+    return {"text_channels": text_channels.tolist(), "mlp_layers": mlp_layers, "mlp_channels": mlp_channels,
+            "vision_channels": vision_channels.tolist()}
 
 
 def llava_config(p: Preset, image_token_id: int, bos: int = 1, eos: int = 2, pad: int | None = None):

@@ -120,8 +120,6 @@ def genai_config(bundle_dir: Path, manifest: dict) -> dict:
         if name not in parts:
             raise VlexportError(f"bundle has no {name} part; ORT-GenAI needs vision, embed and decoder")
     vision, embed, decoder = parts["vision"], parts["embed"], parts["decoder"]
-    if any(p.get("precision", "fp32") != "fp32" for p in (vision, embed, decoder)):
-        raise VlexportError("ORT-GenAI files are written for FP32 (CPU) bundles only")
 
     num_layers = int(model["num_layers"])
     dec_in, dec_out = _names(decoder, "inputs"), _names(decoder, "outputs")

@@ -7,6 +7,8 @@ Fields (all but name, backend, precision and parity are optional for CPU targets
   [precision]      vision / embed / decoder: fp32 | fp16 | int8
   [shapes]         batch, images, prompt_tokens: [min, opt, max]; context: max tokens (past + new)
   [builder]        optimization_level (0-5), workspace_gb, dla_vision (bool), timing_cache (bool)
+  [int8]           how INT8 parts are made: calibration, decoder (w8a8 | weight-only), smoothquant_alpha, fallback,
+                   form (see vlexport/precision/__init__.py)
   [parity.<prec>]  thresholds that build and verify apply (see README)
 """
 
@@ -43,6 +45,7 @@ class Target:
     runtime_overhead_gb: float = 0.5
     shapes: dict = field(default_factory=lambda: dict(DEFAULT_SHAPES))
     builder: dict = field(default_factory=dict)
+    int8: dict = field(default_factory=dict)
 
     def thresholds(self, precision: str) -> dict:
         return self.parity.get(precision, {})
@@ -149,4 +152,15 @@ def load_target(name_or_path: str) -> Target:
         runtime_overhead_gb=float(data.get("runtime_overhead_gb", 0.5)),
         shapes=shapes,
         builder=dict(data.get("builder", {})),
+        int8=_int8_section(path, data.get("int8", {})),
     )
+
+
+def _int8_section(path: Path, section: dict) -> dict:
+    from .precision import int8_options
+
+    try:
+        int8_options(section)
+    except VlexportError as e:
+        raise VlexportError(f"target profile '{path}' [int8]: {e}") from None
+    return dict(section)

@@ -3,6 +3,7 @@
 A user folder holds images and prompts.jsonl, one JSON object per line:
   {"image": "cat.jpg", "prompt": "What is this?"}          chat template applied
   {"image": "cat.jpg", "raw_prompt": "USER: <image>\\n..."}  used verbatim
+  {"image": "skimage:rocket", "prompt": "..."}             a photo that ships with scikit-image
 """
 
 from __future__ import annotations
@@ -54,8 +55,25 @@ def folder_cases(folder: str | Path) -> list[Case]:
             raise VlexportError(f"'{index}' line {n} is not valid JSON ({e})") from None
         if "image" not in entry or ("prompt" in entry) == ("raw_prompt" in entry):
             raise VlexportError(f"'{index}' line {n} needs 'image' and exactly one of 'prompt' or 'raw_prompt'")
-        image = open_image(folder / entry["image"])
+        image = _skimage_photo(entry["image"][8:], index, n) if entry["image"].startswith("skimage:") \
+            else open_image(folder / entry["image"])
         cases.append(Case(f"{entry['image']}/l{n}", image, entry.get("prompt"), entry.get("raw_prompt")))
     if not cases:
         raise VlexportError(f"'{index}' lists no cases")
     return cases
+
+
+def _skimage_photo(name: str, index: Path, line: int):
+    """A photo bundled with scikit-image (no download): skimage.data.NAME(), or a file in its data folder."""
+    import skimage
+    import skimage.data
+    from PIL import Image
+
+    files = {p.stem: p for p in (Path(skimage.__file__).parent / "data").glob("*") if p.suffix in (".png", ".jpg")}
+    if name in files:
+        image = Image.open(files[name])
+        image.load()
+        return image
+    if callable(getattr(skimage.data, name, None)):
+        return Image.fromarray(getattr(skimage.data, name)())
+    raise VlexportError(f"'{index}' line {line}: scikit-image ships no photo '{name}'; use one of {', '.join(sorted(files))}")

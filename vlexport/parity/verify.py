@@ -151,6 +151,12 @@ def _check(cases, key, part, output, metric, op, limit) -> dict:
     if metric == "exact_match_rate":
         value = float(np.mean([c[part][output]["exact"] for c in cases]))
         worst = next((c["name"] for c in cases if not c[part][output]["exact"]), None)
+    elif metric == "top1_agreement" and all("tokens" in c[part][output] for c in cases):
+        # A rate over every teacher-forced token. Per case it would move in steps of 1/32, and its minimum would
+        # turn "top-1 >= 98%" into "no token may differ".
+        stats = [c[part][output] for c in cases]
+        value = sum(s["top1_agreement"] * s["tokens"] for s in stats) / max(1, sum(s["tokens"] for s in stats))
+        worst = min(cases, key=lambda c: c[part][output]["top1_agreement"])["name"]
     else:
         values = [(c[part][output][metric], c["name"]) for c in cases]
         value, worst = (max if op == "<=" else min)(values)

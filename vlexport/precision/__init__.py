@@ -1,0 +1,295 @@
+"""Lower the exported FP32 parts to the target's precision: FP16, or INT8 in the form the backend runs best.
+
+build() exports FP32 parts (SmoothQuant already folded into the weights when a part is W8A8), then lower_parts()
+replaces each part that the target wants lower, and each task's copy of it, and records in the manifest what was
+done: the form, the calibration, the nodes kept in FP32 and why, and the gate measured on the calibration set.
+The final word is `vlexport verify` against the PyTorch reference, which build runs next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+from ..errors import VlexportError
+from .int8 import CALIBRATIONS
+
+DECODER_KINDS = ("w8a8", "weight-only")
+INT8_DEFAULTS = {"calibration": "percentile", "decoder": "w8a8", "vision": "w8a8", "smoothquant_alpha": 0.5,
+                 "fallback": True, "form": None}
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    calibration: str = "percentile"  # activation ranges of the static Q/DQ graph
+    decoder: str = "w8a8"  # w8a8 (SmoothQuant) | weight-only
+    vision: str = "w8a8"
+    smoothquant_alpha: float = 0.5  # 0 disables SmoothQuant
+    fallback: bool = True
+    form: str | None = None  # qdq | dynamic; default per backend: tensorrt -> qdq, onnxruntime -> dynamic
+
+    def kind(self, part: str) -> str:
+        return self.decoder if part == "decoder" else self.vision
+
+    def form_for(self, part: str, backend: str) -> str:
+        if self.kind(part) == "weight-only":
+            return "weight-only"
+        return self.form or ("qdq" if backend == "tensorrt" else "dynamic")
+
+    def smoothed_parts(self, precision: dict) -> set:
+        # Weight-only parts too: MatMulNBits quantizes weights in blocks along the input channels (and, at accuracy
+        # level 4, activations in the same blocks), so a channel with a huge input and a tiny weight column suffers
+        # the same way.
+        return {p for p in ("vision", "decoder") if precision.get(p) == "int8" and self.smoothquant_alpha > 0}
+
+
+def int8_options(profile_section: dict, overrides: str | None = None) -> Int8Options:
+    """The target's [int8] section with `--int8 key=value,...` applied, validated."""
+    values = {**INT8_DEFAULTS, **profile_section}
+    for item in (overrides or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise VlexportError(f"--int8 '{overrides}': expected KEY=VALUE[,KEY=VALUE...], e.g. calibration=entropy")
+        key, value = (s.strip() for s in item.split("=", 1))
+        values[key] = value
+    unknown = set(values) - set(INT8_DEFAULTS)
+    if unknown:
+        raise VlexportError(f"int8 option(s) {', '.join(sorted(unknown))} unknown: use {', '.join(INT8_DEFAULTS)}")
+    checks = {"calibration": CALIBRATIONS, "decoder": DECODER_KINDS, "vision": ("w8a8",), "form": (None, "qdq", "dynamic")}
+    for key, allowed in checks.items():
+        if values[key] not in allowed:
+            raise VlexportError(f"int8 option {key}={values[key]!r}: use one of {', '.join(str(a) for a in allowed if a)}")
+    fallback = values["fallback"]
+    if isinstance(fallback, str):
+        if fallback.lower() not in ("true", "false"):
+            raise VlexportError(f"int8 option fallback={fallback!r}: use true or false")
+        fallback = fallback.lower() == "true"
+    try:
+        alpha = float(values["smoothquant_alpha"])
+    except ValueError:
+        alpha = -1.0
+    if not 0 <= alpha <= 1:
+        raise VlexportError(f"int8 option smoothquant_alpha={values['smoothquant_alpha']!r}: use a number in [0, 1] (0 = off)")
+    return Int8Options(values["calibration"], values["decoder"], values["vision"], alpha, bool(fallback), values["form"])
+
+
+# The calibration set is not the data verify judges on: the fallback aims at half the error the gate allows in the
+# continuous metrics (KL, cosine). Top-1 keeps its limit: on 128 tokens it moves in steps of 0.8%, and its flips sit at
+# near-ties of the reference, which no INT8 product kept in FP32 removes.
+GATE_HEADROOM = 0.5
+
+
+def _with_headroom(key: str, limit: float) -> float:
+    if key == "top1_min":
+        return limit
+    return limit * GATE_HEADROOM if key.endswith("_max") else 1.0 - (1.0 - limit) * GATE_HEADROOM
+
+
+def _swap(path: Path, new: Path) -> str:
+    """Remove path (+ its .data) and return new's name; new stays where it is."""
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+    return new.name
+
+
+def _gate_cases(part: str, candidate: Path, bundle, data) -> list[dict]:
+    """The candidate part in place of the FP32 one on the calibration set, in verify's case format."""
+    from ..backends.onnxruntime import OrtRunner
+    from ..parity import metrics
+    from ..parity.verify import _bundle_logits
+
+    original = bundle.runners[part]
+    bundle.runners[part] = OrtRunner(candidate)
+    try:
+        cases = []
+        for c in data:
+            if part == "vision":
+                got = bundle.image_features(c.pixel_values)
+                cases.append({"name": c.name, "vision": {"image_features": {"cosine": metrics.cosine(c.features, got)}}})
+            else:
+                got = _bundle_logits(bundle, c.prompt_ids, c.features, c.continuation)
+                cases.append({"name": c.name, "decoder": {"logits": metrics.logit_metrics(c.logits, got)}})
+        return cases
+    finally:
+        bundle.runners[part] = original
+
+
+def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, thresholds: dict, bundle, data,
+                cache: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
+    import onnx
+
+    from ..parity.verify import evaluate
+    from .int8 import quantize, weight_matmuls
+    from .sensitivity import fallback_search, rank
+
+    matmuls = weight_matmuls(onnx.load(str(src), load_external_data=False))
+    feeds = [({"pixel_values": c.pixel_values} if name == "vision" else c.prefill) for c in data]
+    reader = None
+    if form == "qdq":
+        from .calibration import FeedReader
+
+        reader = FeedReader(_same_length(feeds) if name == "decoder" else feeds)
+        log(f"{name}: {'reusing' if cache.exists() else 'computing'} {opts.calibration} calibration ranges ({cache})")
+    t = time.perf_counter()
+    errors = rank(src, matmuls, feeds, form)
+    ranked = sorted(errors, key=errors.get, reverse=True)
+    module = {m.node: m.module for m in matmuls}
+    dst = tmp / f"{name}.int8.onnx"
+    gate_keys = {k: _with_headroom(k, v) for k, v in thresholds.items() if k in ("vision_cosine_min",) or
+                 (name == "decoder" and k in ("top1_min", "kl_mean_max", "logit_cosine_min"))}
+    last: dict = {}
+
+    def try_keeping(kept: list[str]) -> bool:
+        quantize(src, dst, form, [m.node for m in matmuls if m.node not in set(kept)], reader, opts.calibration, cache)
+        if reader is not None:
+            reader.rewind()
+        checks, passed = evaluate(_gate_cases(name, dst, bundle, data), gate_keys)
+        last.update(checks=checks, passed=passed)
+        log(f"{name}: INT8 ({form}) with {len(kept)} of {len(matmuls)} products kept in FP32: calibration-set gate "
+            f"{'holds' if passed else 'fails'} (" + ", ".join(f"{c['metric']} {c['value']:.4g} {c['op']} {c['limit']:.4g}"
+                                                           for c in checks) + ")")
+        return passed
+
+    kept, tries = fallback_search(ranked, try_keeping, opts.fallback)
+    record = {
+        "form": form,
+        "kind": opts.kind(name),
+        "calibration": opts.calibration if form == "qdq" else None,
+        "calibration_cases": len(data),
+        "products_quantized": len(matmuls) - len(kept),
+        "products_total": len(matmuls),
+        "kept_fp32": [{"node": n, "module": module[n], "emulated_rel_error": errors[n],
+                       "why": "among the largest quantization errors; kept until the calibration gate held"} for n in kept],
+        "worst_quantized": [{"module": module[n], "emulated_rel_error": errors[n]} for n in ranked[len(kept):len(kept) + 3]],
+        "fallback": {"enabled": opts.fallback, "tries": tries},
+        "calibration_gate": {"passed": last["passed"], "checks": last["checks"]},
+        "seconds": time.perf_counter() - t,
+    }
+    return dst, record
+
+
+def _calibration_cache(name: str, src: Path, fingerprint: str, method: str) -> Path:
+    """Where the activation ranges of this exact FP32 part on this calibration set are kept between builds."""
+    from .calibration import cache_root, file_digest
+
+    key = hashlib.sha256((file_digest(src, src.with_name(src.name + ".data")) + fingerprint).encode()).hexdigest()
+    path = cache_root() / "calibration" / f"{name}-{key[:24]}-{method}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _same_length(feeds: list[dict]) -> list[dict]:
+    """Prefill feeds cut to the shortest prompt: the histogram calibrators (entropy, percentile) stack them."""
+    n = min(f["inputs_embeds"].shape[1] for f in feeds)
+    cut = {"inputs_embeds": lambda x: x[:, :n], "attention_mask": lambda x: x[:, :n], "position_ids": lambda x: x[:, :n]}
+    return [{k: cut.get(k, lambda x: x)(v) for k, v in f.items()} for f in feeds]
+
+
+def _feeds(name: str, data) -> list[dict]:
+    return [({"pixel_values": c.pixel_values} if name == "vision" else c.prefill) for c in data]
+
+
+def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str | Path | None, log: Callable[[str], None],
+                stages: dict) -> None:
+    """Lower every part (and task copy) the target wants below FP32, in place in the bundle being written."""
+    import onnx
+
+    from ..bundle import onnx_io
+    from ..runtime import Bundle
+    from .calibration import FeedReader, calib_cases, calib_fingerprint, run_fp32
+    from .fp16 import to_fp16
+    from .int8 import quantize, weight_matmuls
+
+    wanted = {name: p for name, p in prof.precision.items() if p != "fp32"}
+    if prof.backend == "tensorrt":  # TensorRT lowers FP32 parts to FP16 itself; INT8 needs the Q/DQ graph from here
+        wanted = {name: p for name, p in wanted.items() if p == "int8"}
+    if not wanted:
+        return
+    t = time.perf_counter()
+    data, bundle, fingerprint = None, None, calib_fingerprint(calib)
+    if "int8" in wanted.values():
+        bundle = Bundle(tmp, manifest=manifest)
+        data = run_fp32(bundle, calib_cases(calib))
+        log(f"calibration set: {len(data)} cases from {calib or 'calib/ (photos that ship with scikit-image)'}")
+    task_parts = {(task, part): rel for task, entry in (manifest.get("tasks") or {}).items()
+                  for part, rel in (entry.get("parts") or {}).items()}
+    for name, precision in wanted.items():
+        entry = manifest["parts"][name]
+        src = tmp / entry["file"]
+        copies = {key: tmp / rel for key, rel in task_parts.items() if key[1] == name}
+        lowered = {}
+        if precision == "fp16":
+            dst = tmp / f"{name}.fp16.onnx"
+            record = to_fp16(src, dst)
+            for key, task_src in copies.items():
+                lowered[key] = task_src.with_name(dst.name)
+                to_fp16(task_src, lowered[key])
+            log(f"{name}: FP16, {', '.join(record['kept_fp32_op_types'])} kept in FP32")
+        else:
+            form = opts.form_for(name, prof.backend)
+            cache = _calibration_cache(name, src, fingerprint, opts.calibration)
+            dst, record = _lower_int8(name, src, tmp, form, opts, prof.thresholds("int8"), bundle, data, cache, log)
+            if record["products_quantized"] == 0:
+                # INT8 only where it holds the gate: a part whose every product had to stay FP32 ships as FP32.
+                for f in (dst, dst.with_name(dst.name + ".data")):
+                    f.unlink(missing_ok=True)
+                entry["lowering"] = {**record, "result": "left in FP32: no INT8 product set held the calibration gate"}
+                log(f"{name}: INT8 does not hold the gate on the calibration set even with one product; left in FP32")
+                continue
+            kept = {k["node"] for k in record["kept_fp32"]}
+            # A task's own merged copy: the same form and the same products kept (its own activation ranges).
+            for key, task_src in copies.items():
+                lowered[key] = task_src.with_name(dst.name)
+                nodes = [m.node for m in weight_matmuls(onnx.load(str(task_src), load_external_data=False))
+                         if m.node not in kept]
+                feeds = _feeds(name, data)
+                quantize(task_src, lowered[key], form, nodes,
+                         FeedReader(_same_length(feeds) if name == "decoder" else feeds), opts.calibration,
+                         _calibration_cache(name, task_src, fingerprint, opts.calibration))
+                log(f"task {key[0]}: its {name} part lowered the same way ({len(nodes)} products INT8)")
+        if precision == "int8":
+            # Kept until verify has judged the INT8 part: if it fails the gate, the part ships in FP32 instead.
+            entry["fp32_original"] = {"file": src.name, "tasks": {t: copies[(t, part)].relative_to(tmp).as_posix()
+                                                                  for (t, part) in lowered}}
+            entry.update(file=dst.name, precision=precision, lowering=record, **onnx_io(dst))
+        else:
+            entry.update(file=_swap(src, dst), precision=precision, lowering=record, **onnx_io(dst))
+        for (task, part), new in lowered.items():
+            if precision != "int8":
+                _swap(copies[(task, part)], new)
+            manifest["tasks"][task]["parts"][part] = new.relative_to(tmp).as_posix()
+    stages["lower_precision"] = {"seconds": time.perf_counter() - t}
+
+
+def failing_int8_parts(manifest: dict, report: dict) -> list[str]:
+    """INT8 parts that a failed parity check points at (greedy decoding counts as the decoder's)."""
+    parts = {("decoder" if c["part"] == "generate" else c["part"]) for c in report["checks"] if not c["passed"]}
+    return sorted(p for p in parts if manifest["parts"].get(p, {}).get("precision") == "int8")
+
+
+def restore_fp32(tmp: Path, manifest: dict, part: str, reason: str) -> None:
+    """Ship `part` (and its task copies) in FP32 after all: delete its INT8 files, point the manifest back."""
+    from ..bundle import onnx_io
+
+    entry = manifest["parts"][part]
+    original = entry.pop("fp32_original")
+    for task, rel in original["tasks"].items():
+        _swap(tmp / manifest["tasks"][task]["parts"][part], tmp / rel)
+        manifest["tasks"][task]["parts"][part] = rel
+    _swap(tmp / entry["file"], tmp / original["file"])
+    entry.update(file=original["file"], precision="fp32", **onnx_io(tmp / original["file"]))
+    entry["lowering"] = {**entry.get("lowering", {}), "result": f"left in FP32: {reason}"}
+
+
+def drop_fp32_originals(tmp: Path, manifest: dict) -> None:
+    """The INT8 parts stand: remove the FP32 copies kept for restore_fp32."""
+    for entry in manifest["parts"].values():
+        original = entry.pop("fp32_original", None)
+        if original:
+            for rel in [original["file"], *original["tasks"].values()]:
+                _swap(tmp / rel, tmp / rel)

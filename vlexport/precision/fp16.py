@@ -1,0 +1,23 @@
+"""FP16 parts for ONNX Runtime: weights and arithmetic in FP16, the sensitive reductions kept in FP32.
+
+onnxruntime.transformers.float16 does the conversion. Graph inputs and outputs stay FP32 (keep_io_types), so the
+runtime, ORT-GenAI and the parity harness feed the same tensors at every precision. Which operations stay FP32 was
+chosen by measurement on the small fixture (README, "Precision"): the statistics of the norms (Pow, ReduceMean, Sqrt,
+Reciprocal, LayerNormalization) and Softmax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+KEEP_FP32 = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "Softmax")
+
+
+def to_fp16(src: Path, dst: Path, keep_fp32: tuple = KEEP_FP32) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(src))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32])
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    return {"kept_fp32_op_types": list(keep_fp32)}
