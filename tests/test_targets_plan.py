@@ -169,13 +169,6 @@ def test_trtexec_8_6_gets_one_profile_and_mib():
     assert all(a.split("=", 1)[0] in options_for("8.6") for a in argv[1:])
 
 
-def test_build_refuses_what_it_cannot_make(tmp_path, tiny_base):
-    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--target", "cpu-int8", "-o", str(tmp_path / "o"), "--no-verify"])
-    assert r.exit_code == 2 and "cpu-int8" in r.output and not (tmp_path / "o").exists()
-    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--target", "jetson-orin", "--precision", "decoder=int8", "-o", str(tmp_path / "o"), "--no-verify"])
-    assert r.exit_code == 2 and "INT8" in r.output and not (tmp_path / "o").exists()
-
-
 def test_engines_command_without_tensorrt(orin_bundle):
     r = CliRunner().invoke(app, ["engines", str(orin_bundle)])
     assert r.exit_code == 2 and "TensorRT" in r.output

@@ -334,6 +334,11 @@ def build(
 
         # The same parts open with onnxruntime-genai's C/C++ runtime (og.Model / OgaCreateModel on the directory).
         manifest["onnxruntime_genai"] = {"files": write_genai_files(tmp, manifest)}
+        if manifest["tasks"] and prof.backend == "onnxruntime":
+            from .genai import write_task_files
+
+            # Bank tasks in ORT-GenAI: vlexport.genai.open_model(bundle, task), or OgaConfigOverlay in C/C++.
+            manifest["onnxruntime_genai"]["tasks"] = write_task_files(tmp, manifest)
         manifest = write_manifest(tmp, manifest)
     log(f"bundle written to {out}")
     return manifest

@@ -41,6 +41,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .errors import VlexportError
 
 GENAI_CONFIG = "genai_config.json"
@@ -241,3 +243,73 @@ def write_genai_files(bundle_dir: Path, manifest: dict) -> list[str]:
     for name, content in files.items():
         (bundle_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     return list(files)
+
+
+GENAI_SECTIONS = {"decoder": "decoder", "embed": "embedding", "vision": "vision"}
+PREFIX_UNSUPPORTED = (
+    "prefix tuning needs generation to start from a KV prefix with positions shifted by the prefix length; "
+    "onnxruntime-genai 0.18 starts every generator from an empty cache, and its adapter API does not reach the "
+    "multimodal pipeline's decoder (measured), so prefix tasks run in vlexport's runtime only"
+)
+
+
+def _bake_pack(src: Path, dst: Path, values: dict) -> None:
+    """A copy of a part's graph whose adapter slot defaults are the task's weights. The copy sits next to the
+    original and points at the same external data file, so it costs the graph, not the weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    inits = model.graph.initializer
+    for i, init in enumerate(inits):
+        if init.name in values:
+            inits[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[init.name]), init.name))
+    missing = set(values) - {i.name for i in inits}
+    if missing:
+        raise VlexportError(f"part '{src.name}' has no default for adapter slot input(s) {sorted(missing)}; rebuild the bundle")
+    onnx.save(model, str(dst))
+
+
+def write_task_files(bundle_dir: Path, manifest: dict) -> dict:
+    """ORT-GenAI entries for bank tasks: a genai_config overlay that points og.Model at the task's parts.
+
+    A task with its own merged LoRA/BitFit uses its merged copies; a bottleneck task gets copies of the slotted
+    parts' graphs with its weights as the slot defaults. Returns {task: {"overlay": {...}} | {"unsupported": why}}."""
+    from safetensors.numpy import load_file
+
+    bundle_dir = Path(bundle_dir)
+    out: dict = {}
+    for name, task in (manifest.get("tasks") or {}).items():
+        if task.get("prefix_tokens"):
+            out[name] = {"unsupported": PREFIX_UNSUPPORTED}
+            continue
+        files = dict(task.get("parts") or {})
+        if task.get("bottleneck_parts"):
+            pack = load_file(str(bundle_dir / task["pack"]))
+            for part in task["bottleneck_parts"]:
+                src = bundle_dir / files.get(part, manifest["parts"][part]["file"])
+                dst = src.with_name(f"{src.name[:-len('.onnx')]}.task-{name}.onnx")
+                _bake_pack(src, dst, {k: v for k, v in pack.items() if k.startswith(f"{part}_adapter.")})
+                files[part] = dst.relative_to(bundle_dir).as_posix()
+        overlay = {"model": {GENAI_SECTIONS[part]: {"filename": f} for part, f in sorted(files.items())}}
+        out[name] = {"overlay": overlay}
+    return out
+
+
+def open_model(bundle_dir: str | Path, task: str | None = None):
+    """og.Model for the bundle, or for one of its bank tasks (the overlay the build recorded)."""
+    import onnxruntime_genai as og
+
+    from .bundle import read_manifest
+
+    bundle_dir = Path(bundle_dir)
+    if task is None:
+        return og.Model(str(bundle_dir))
+    entry = (read_manifest(bundle_dir).get("onnxruntime_genai") or {}).get("tasks", {}).get(task)
+    if entry is None:
+        raise VlexportError(f"bundle '{bundle_dir}' has no onnxruntime-genai entry for task '{task}'")
+    if "unsupported" in entry:
+        raise VlexportError(f"task '{task}' cannot run in onnxruntime-genai: {entry['unsupported']}")
+    config = og.Config(str(bundle_dir))
+    config.overlay(json.dumps(entry["overlay"]))
+    return og.Model(config)

@@ -1,0 +1,115 @@
+"""Bank tasks in onnxruntime-genai: a merged-LoRA task and a bottleneck task open as og.Model through the config
+overlay the build records, and generate exactly vlexport's tokens; a prefix task says why it cannot."""
+
+import json
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+
+import vlexport
+from vlexport.errors import VlexportError
+from vlexport.genai import open_model
+
+TEXT = "USER: <image>\nWhat is in this picture? ASSISTANT:"
+MAX_NEW = 12
+
+
+def og_generate(model, bundle, image, text, max_new):
+    """Greedy tokens and the logits each was chosen from, with vlexport's preprocessing fed as named tensors."""
+    ids = bundle.encode(text)
+    inputs = og.NamedTensors()
+    inputs["input_ids"] = np.array([ids], dtype=np.int32)
+    inputs["pixel_values"] = bundle.pixel_values(image)
+    inputs["num_image_tokens"] = np.array([bundle.num_image_tokens], dtype=np.int64)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.set_inputs(inputs)
+    tokens, logits = [], []
+    while not generator.is_done() and len(tokens) < max_new:
+        logits.append(np.array(generator.get_logits()).reshape(-1))
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens, logits
+
+
+def first_logits(bundle, image, text, task):
+    """vlexport's prefill logits for the task (what the first token is chosen from)."""
+    ids = np.array([bundle.encode(text)], np.int64)
+    features = bundle.image_features(bundle.pixel_values(image), task)
+    n = ids.shape[1]
+    logits, _ = bundle.decode_step(bundle.embed(ids, features, task), np.ones((1, n), np.int64),
+                                   np.arange(n, dtype=np.int64)[None], bundle.empty_past(), task)
+    return logits[0, -1]
+
+
+def bank_bundle(base, tmp, with_prefix: bool, seed=5):
+    from test_tasks import make_prefix
+
+    from vlexport.build import build
+    from vlexport.fixture import make_adapterhub_bottleneck, make_lora
+
+    lora = make_lora(base, tmp / "lora", seed=seed)
+    language = make_adapterhub_bottleneck(base, tmp / "bn", "language")
+    vision = make_adapterhub_bottleneck(base, tmp / "bnv", "vision", seed=4)
+    adapters = [f"lora={lora}", f"bn={language}", f"bn={vision}"]
+    if with_prefix:
+        adapters.append(f"prefix={make_prefix(base, tmp / 'prefix', seed=2, tokens=4, projection=False)}")
+    out = tmp / "bundle"
+    build(base, adapters, out, verify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(tiny_base, tmp_path_factory):
+    return bank_bundle(tiny_base, tmp_path_factory.mktemp("genai-bank"), with_prefix=True)
+
+
+def test_manifest_records_an_overlay_per_task(tiny_bank):
+    entry = json.loads((tiny_bank / "manifest.json").read_text())["onnxruntime_genai"]["tasks"]
+    assert entry["lora"]["overlay"]["model"]["decoder"]["filename"] == "tasks/lora/decoder.onnx"
+    assert entry["bn"]["overlay"] == {"model": {"decoder": {"filename": "decoder.task-bn.onnx"},
+                                                "vision": {"filename": "vision.task-bn.onnx"}}}
+    # The baked copies are graphs only: their weights are read from the base part's file.
+    import onnx
+
+    graph = onnx.load(str(tiny_bank / "decoder.task-bn.onnx"), load_external_data=False)
+    locations = {e.value for i in graph.graph.initializer for e in i.external_data if e.key == "location"}
+    assert locations == {"decoder.onnx.data"} and not (tiny_bank / "decoder.task-bn.onnx.data").exists()
+    assert "KV prefix" in entry["prefix"]["unsupported"]
+    with pytest.raises(VlexportError, match="cannot run in onnxruntime-genai"):
+        open_model(tiny_bank, "prefix")
+
+
+@pytest.mark.parametrize("task", [None, "lora", "bn"])
+def test_genai_task_tokens_match_runtime(tiny_bank, photos, task):
+    runtime = vlexport.load(tiny_bank)
+    model = open_model(tiny_bank, task)
+    for photo in ("astronaut", "chelsea"):
+        tokens, logits = og_generate(model, runtime, photos[photo], TEXT, MAX_NEW)
+        assert tokens == runtime.generate(photos[photo], raw_prompt=TEXT, max_new_tokens=MAX_NEW, task=task).token_ids
+        want = first_logits(runtime, photos[photo], TEXT, task)
+        np.testing.assert_allclose(logits[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_tasks_really_differ_in_genai(tiny_bank, photos):
+    runtime = vlexport.load(tiny_bank)
+    firsts = [og_generate(open_model(tiny_bank, t), runtime, photos["astronaut"], TEXT, 1)[1][0] for t in (None, "lora", "bn")]
+    assert min(np.abs(a - b).max() for i, a in enumerate(firsts) for b in firsts[i + 1:]) > 1e-2
+
+
+def test_small_fixture_with_lora_and_bank_task_in_genai(tmp_path_factory, photos):
+    """Issue 8's done criterion: the small (LLaVA-1.5-shaped) fixture with a merged LoRA and bank tasks; og.Model
+    gives vlexport run's tokens on a square and a non-square photo."""
+    from vlexport.fixture import make_llava
+
+    tmp = tmp_path_factory.mktemp("genai-small")
+    base = make_llava(tmp / "small", "small")
+    bundle = bank_bundle(base, tmp, with_prefix=False)
+    runtime = vlexport.load(bundle)
+    for task in (None, "lora", "bn"):
+        model = open_model(bundle, task)
+        for photo in ("astronaut", "chelsea"):  # 512x512 and 451x300
+            tokens, _ = og_generate(model, runtime, photos[photo], TEXT, 8)
+            assert tokens == runtime.generate(photos[photo], raw_prompt=TEXT, max_new_tokens=8, task=task).token_ids
