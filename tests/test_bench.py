@@ -27,3 +27,26 @@ def test_bench_writes_json_markdown_and_plot(full_bundle, tmp_path):
 def test_bench_bad_contexts(full_bundle):
     r = CliRunner().invoke(app, ["bench", str(full_bundle), "--contexts", "a,b"])
     assert r.exit_code == 2 and "--contexts" in r.output
+
+
+def test_bench_compare_times_every_bundle_against_one_pytorch_run(tiny_base, full_bundle, tmp_path):
+    """--compare: per-part latency of an FP32 and an INT8 bundle of one model, each against the same PyTorch run;
+    the INT8 decoder's floor counts the bytes it stores, so it is lower than the FP32 one."""
+    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
+    for out, target in ((fp32, "cpu"), (int8, "cpu-int8")):
+        r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "-o", str(out), "--target", target, "--no-verify"])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["bench", str(fp32), "--compare", str(int8), "--repeats", "2", "--contexts", "8",
+                                 "--json", "--markdown", str(tmp_path / "c.md")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert {(row["bundle"], row["metric"]) for row in rows} == {
+        (b, m) for b in ("fp32", "int8") for m in ("vision_ms", "prefill_ms", "decode_ms")}
+    assert {row["precision"] for row in rows if row["bundle"] == "fp32"} == {"fp32"}
+    assert "decoder int8 (dynamic)" in next(row["precision"] for row in rows if row["bundle"] == "int8")
+    floors = {row["bundle"]: row["floor_ms"] for row in rows if row["metric"] == "decode_ms"}
+    assert 0 < floors["int8"] < floors["fp32"]
+    assert all(row["ms"] > 0 and row["pytorch"] > 0 and row["ratio"] > 0 for row in rows)
+    # Bundles of different models are refused: one PyTorch baseline must fit them all.
+    r = CliRunner().invoke(app, ["bench", str(fp32), "--compare", str(full_bundle), "--repeats", "1"])
+    assert r.exit_code == 2 and "another base or other adapters" in r.output

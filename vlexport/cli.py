@@ -169,6 +169,15 @@ def inspect(
             out.print(f"task {name}: pack {t['pack']} ({t['bytes'] / 1024:.1f} KiB), {kinds}; "
                       f"{t['prefix_tokens']} prefix tokens, positions from {t['position_offset']}; "
                       f"bottleneck slots: {slots}", highlight=False, soft_wrap=True)
+        for name, part in info["parts"].items():
+            low = part.get("lowering") or {}
+            if "products_total" in low:
+                kept = ", ".join(f"{k['module']} ({k['emulated_rel_error']:.2g})" for k in low["kept_fp32"]) or "none"
+                out.print(f"{name}: INT8 {low['form']}, {low['products_quantized']} of {low['products_total']} products "
+                          f"quantized; kept in FP32: {kept}" + (f"; {low['result']}" if "result" in low else ""),
+                          highlight=False, soft_wrap=True)
+            elif "kept_fp32_op_types" in low:
+                out.print(f"{name}: FP16, {', '.join(low['kept_fp32_op_types'])} in FP32", highlight=False, soft_wrap=True)
         if info.get("parity"):
             out.print(f"parity: {'passed' if info['parity']['passed'] else 'FAILED'} ({info['parity']['report']})")
         return
@@ -349,11 +358,12 @@ def fixture_llava(
 
 @fixture_app.command("lora")
 @_handle_errors
-def fixture_lora(base: Path = typer.Argument(...), out_dir: Path = typer.Argument(...), seed: int = typer.Option(1, "--seed")):
+def fixture_lora(base: Path = typer.Argument(...), out_dir: Path = typer.Argument(...), seed: int = typer.Option(1, "--seed"),
+                 scale: float = typer.Option(0.1, "--scale", help="Std of A and B: 0.1 (default) makes a LoRA no parity test can miss; 0.02 is a trained LoRA's size.")):
     """A PEFT LoRA (vision, projector, language) with non-zero weights for BASE."""
     from .fixture import make_lora
 
-    make_lora(base, out_dir, seed)
+    make_lora(base, out_dir, seed, scale=scale)
     out.print(f"wrote LoRA adapter to {out_dir}")
 
 

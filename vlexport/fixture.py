@@ -325,8 +325,12 @@ def _randomize(peft_model, seed: int, scale: float = 0.1) -> None:
                 p.copy_(base * p + scale * torch.randn(p.shape, generator=g) * (p.abs().mean() if base else 1.0))
 
 
-def make_lora(base_dir: str | Path, out_dir: str | Path, seed: int = 1, **options) -> Path:
-    """A PEFT LoRA adapter trained-looking (non-zero B) over the vision tower, projector and language model."""
+def make_lora(base_dir: str | Path, out_dir: str | Path, seed: int = 1, scale: float = 0.1, **options) -> Path:
+    """A PEFT LoRA adapter trained-looking (non-zero B) over the vision tower, projector and language model.
+
+    A and B are N(0, scale^2). The default 0.1 makes the update larger than the weights it changes, so that a
+    dropped or misplaced LoRA cannot hide in a parity test; 0.02 gives a trained LoRA's size (the update about a
+    tenth of the weights), which is what precision measurements need."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
@@ -334,7 +338,7 @@ def make_lora(base_dir: str | Path, out_dir: str | Path, seed: int = 1, **option
     config.update(options)
     model = LlavaForConditionalGeneration.from_pretrained(str(base_dir))
     peft_model = get_peft_model(model, LoraConfig(**config))
-    _randomize(peft_model, seed)
+    _randomize(peft_model, seed, scale)
     peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
 

@@ -71,6 +71,7 @@ def logit_metrics(ref_logits, test_logits) -> dict:
     stats = error_stats(ref, test)
     return {
         "tokens": int(ref.shape[0]),
+        "nonfinite": int((~np.isfinite(test)).sum()),
         "kl_mean": float(kl.mean()) if kl.size else 0.0,
         "kl_max": float(kl.max()) if kl.size else 0.0,
         "top1_agreement": top1_agreement(ref, test),

@@ -267,9 +267,18 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
 
 
 def failing_int8_parts(manifest: dict, report: dict) -> list[str]:
-    """INT8 parts that a failed parity check points at (greedy decoding counts as the decoder's)."""
-    parts = {("decoder" if c["part"] == "generate" else c["part"]) for c in report["checks"] if not c["passed"]}
-    return sorted(p for p in parts if manifest["parts"].get(p, {}).get("precision") == "int8")
+    """INT8 parts that a failed parity check points at. Logits and tokens depend on both parts: the decoder is
+    blamed first, the vision part once the decoder is no longer INT8."""
+    int8 = {p for p, e in manifest["parts"].items() if e.get("precision") == "int8"}
+    out = set()
+    for c in report["checks"]:
+        if c["passed"]:
+            continue
+        if c["part"] == "vision":
+            out |= {"vision"} & int8
+        else:
+            out |= {"decoder"} & int8 or {"vision"} & int8
+    return sorted(out)
 
 
 def restore_fp32(tmp: Path, manifest: dict, part: str, reason: str) -> None:

@@ -19,5 +19,7 @@ def to_fp16(src: Path, dst: Path, keep_fp32: tuple = KEEP_FP32) -> dict:
 
     model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32])
+    for path in (dst, dst.with_name(dst.name + ".data")):
+        path.unlink(missing_ok=True)  # onnx appends external data to an existing file
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     return {"kept_fp32_op_types": list(keep_fp32)}
