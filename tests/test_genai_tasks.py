@@ -4,8 +4,8 @@ overlay the build records, and generate exactly vlexport's tokens; a prefix task
 import json
 
 import numpy as np
-import onnxruntime_genai as og
 import pytest
+from test_genai import _og_generate
 
 import vlexport
 from vlexport.errors import VlexportError
@@ -16,21 +16,8 @@ MAX_NEW = 12
 
 
 def og_generate(model, bundle, image, text, max_new):
-    """Greedy tokens and the logits each was chosen from, with vlexport's preprocessing fed as named tensors."""
-    ids = bundle.encode(text)
-    inputs = og.NamedTensors()
-    inputs["input_ids"] = np.array([ids], dtype=np.int32)
-    inputs["pixel_values"] = bundle.pixel_values(image)
-    inputs["num_image_tokens"] = np.array([bundle.num_image_tokens], dtype=np.int64)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.set_inputs(inputs)
-    tokens, logits = [], []
-    while not generator.is_done() and len(tokens) < max_new:
-        logits.append(np.array(generator.get_logits()).reshape(-1))
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    """Greedy tokens and the logits each was chosen from (test_genai's driver of ORT-GenAI)."""
+    _ids, tokens, logits = _og_generate(model, bundle, image, text, max_new)
     return tokens, logits
 
 

@@ -130,14 +130,12 @@ def _smoothquant(model, base: Path, assets: dict, adapters: list, opts, precisio
     else:
         from transformers import AutoProcessor
 
-        from .runtime import _render_chat_template
+        from .runtime import render_chat_prompt
 
         cases = calibration.calib_cases(calib)
 
         def chat(prompt):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return _render_chat_template(assets["chat_template"], messages, add_generation_prompt=True,
-                                         bos_token=assets["bos_token"], eos_token=assets["eos_token"])
+            return render_chat_prompt(assets["chat_template"], prompt, assets["bos_token"], assets["eos_token"])
 
         texts = [calibration.prompt_text(c, chat) for c in cases]
         maxima = smoothquant.activation_maxima(model, AutoProcessor.from_pretrained(str(base)), cases, texts, parts)

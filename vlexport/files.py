@@ -1,4 +1,5 @@
-"""Small file helpers shared by every stage: checksums, and JSON that fails with a message naming the file."""
+"""Small file helpers shared by every stage: checksums, JSON that fails with a message naming the file, and ONNX
+files with their external data."""
 
 from __future__ import annotations
 
@@ -25,3 +26,10 @@ def read_json(path: Path, fix: str = "") -> dict:
         raise VlexportError(f"'{path}' does not exist{'; ' + fix if fix else ''}") from None
     except json.JSONDecodeError as e:
         raise VlexportError(f"'{path}' is not valid JSON ({e}){'; ' + fix if fix else ''}") from None
+
+
+def remove_part(path: Path) -> None:
+    """Delete an ONNX file and its external data (NAME.onnx.data). onnx appends to an existing data file, so a part
+    must be removed before it is written again."""
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)

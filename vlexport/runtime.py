@@ -49,6 +49,12 @@ def _render_chat_template(template: str, messages: list, **kwargs) -> str:
     return env.from_string(template).render(messages=messages, **kwargs)
 
 
+def render_chat_prompt(template: str, prompt: str, bos_token: str | None, eos_token: str | None) -> str:
+    """One user turn, an image then the question, with the generation prompt: LLaVA's chat format."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return _render_chat_template(template, messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+
+
 class Bundle:
     """A loaded bundle. `generate` answers one question about one image."""
 
@@ -93,12 +99,8 @@ class Bundle:
     def chat_prompt(self, prompt: str) -> str:
         if not self.chat_template:
             raise VlexportError(f"bundle '{self.path}' has no chat template; use --raw-prompt with an {self.image_token} placeholder")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         tok = self.manifest["tokenizer"]
-        return _render_chat_template(
-            self.chat_template, messages, add_generation_prompt=True,
-            bos_token=tok.get("bos_token"), eos_token=tok.get("eos_token"),
-        )
+        return render_chat_prompt(self.chat_template, prompt, tok.get("bos_token"), tok.get("eos_token"))
 
     def encode(self, text: str) -> list[int]:
         n = text.count(self.image_token)

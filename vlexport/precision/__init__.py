@@ -16,6 +16,7 @@ from typing import Callable
 
 
 from ..errors import VlexportError
+from ..files import remove_part
 from .int8 import CALIBRATIONS
 
 DECODER_KINDS = ("w8a8", "weight-only")
@@ -92,8 +93,7 @@ def _with_headroom(key: str, limit: float) -> float:
 
 def _swap(path: Path, new: Path) -> str:
     """Remove path (+ its .data) and return new's name; new stays where it is."""
-    for p in (path, path.with_name(path.name + ".data")):
-        p.unlink(missing_ok=True)
+    remove_part(path)
     return new.name
 
 
@@ -128,12 +128,10 @@ def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, t
     from .sensitivity import fallback_search, rank
 
     matmuls = weight_matmuls(onnx.load(str(src), load_external_data=False))
-    feeds = [({"pixel_values": c.pixel_values} if name == "vision" else c.prefill) for c in data]
+    feeds = _feeds(name, data)
     reader = None
     if form == "qdq":
-        from .calibration import FeedReader
-
-        reader = FeedReader(_same_length(feeds) if name == "decoder" else feeds)
+        reader = _calibration_reader(name, data)
         log(f"{name}: {'reusing' if cache.exists() else 'computing'} {opts.calibration} calibration ranges ({cache})")
     t = time.perf_counter()
     errors = rank(src, matmuls, feeds, form)
@@ -194,6 +192,13 @@ def _feeds(name: str, data) -> list[dict]:
     return [({"pixel_values": c.pixel_values} if name == "vision" else c.prefill) for c in data]
 
 
+def _calibration_reader(name: str, data):
+    from .calibration import FeedReader
+
+    feeds = _feeds(name, data)
+    return FeedReader(_same_length(feeds) if name == "decoder" else feeds)
+
+
 def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str | Path | None, log: Callable[[str], None],
                 stages: dict) -> None:
     """Lower every part (and task copy) the target wants below FP32, in place in the bundle being written."""
@@ -201,7 +206,7 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
 
     from ..bundle import onnx_io
     from ..runtime import Bundle
-    from .calibration import FeedReader, calib_cases, calib_fingerprint, run_fp32
+    from .calibration import calib_cases, calib_fingerprint, run_fp32
     from .fp16 import to_fp16
     from .int8 import quantize, weight_matmuls
 
@@ -236,8 +241,7 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
             dst, record = _lower_int8(name, src, tmp, form, opts, prof.thresholds("int8"), bundle, data, cache, log)
             if record["products_quantized"] == 0:
                 # INT8 only where it holds the gate: a part whose every product had to stay FP32 ships as FP32.
-                for f in (dst, dst.with_name(dst.name + ".data")):
-                    f.unlink(missing_ok=True)
+                remove_part(dst)
                 entry["lowering"] = {**record, "result": "left in FP32: no INT8 product set held the calibration gate"}
                 log(f"{name}: INT8 does not hold the gate on the calibration set even with one product; left in FP32")
                 continue
@@ -247,10 +251,8 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
                 lowered[key] = task_src.with_name(dst.name)
                 nodes = [m.node for m in weight_matmuls(onnx.load(str(task_src), load_external_data=False))
                          if m.node not in kept]
-                feeds = _feeds(name, data)
-                quantize(task_src, lowered[key], form, nodes,
-                         FeedReader(_same_length(feeds) if name == "decoder" else feeds), opts.calibration,
-                         _calibration_cache(name, task_src, fingerprint, opts.calibration))
+                quantize(task_src, lowered[key], form, nodes, _calibration_reader(name, data) if form == "qdq" else None,
+                         opts.calibration, _calibration_cache(name, task_src, fingerprint, opts.calibration))
                 log(f"task {key[0]}: its {name} part lowered the same way ({len(nodes)} products INT8)")
         if precision == "int8":
             # Kept until verify has judged the INT8 part: if it fails the gate, the part ships in FP32 instead.
@@ -301,4 +303,4 @@ def drop_fp32_originals(tmp: Path, manifest: dict) -> None:
         original = entry.pop("fp32_original", None)
         if original:
             for rel in [original["file"], *original["tasks"].values()]:
-                _swap(tmp / rel, tmp / rel)
+                remove_part(tmp / rel)

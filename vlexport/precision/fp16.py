@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import remove_part
+
 KEEP_FP32 = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization", "Softmax")
 
 
@@ -19,7 +21,6 @@ def to_fp16(src: Path, dst: Path, keep_fp32: tuple = KEEP_FP32) -> dict:
 
     model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32])
-    for path in (dst, dst.with_name(dst.name + ".data")):
-        path.unlink(missing_ok=True)  # onnx appends external data to an existing file
+    remove_part(dst)
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     return {"kept_fp32_op_types": list(keep_fp32)}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMS = ("qdq", "dynamic", "weight-only")
+from ..files import remove_part
+
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 WEIGHT_ONLY_BLOCK = 32
 
@@ -56,8 +57,7 @@ def quantize(src: Path, dst: Path, form: str, nodes: list[str], reader=None, cal
              cache: Path | None = None) -> None:
     """Write the INT8 form of src to dst (+ dst.data), quantizing exactly `nodes`."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for path in (dst, dst.with_name(dst.name + ".data")):
-        path.unlink(missing_ok=True)  # onnx appends external data to an existing file: each try starts clean
+    remove_part(dst)  # each try of the fallback search starts clean
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs advice (pre-processing, op support) on the root logger
