@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
 import time
@@ -14,7 +15,7 @@ from .adapters import MERGEABLE, merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import VlexportError
 from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
-from .model import check_base_dir, facts_from_config, fingerprint, load_llava
+from .model import EXPORT_ATTENTION, check_base_dir, facts_from_config, fingerprint, load_llava
 from .plan import BYTES, check_fits, parameter_counts, plan_memory
 from .precision import int8_options
 from .target import load_target
@@ -91,6 +92,31 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def host_memory_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_export_dtype(config: dict, prof) -> tuple[str, str | None]:
+    """fp32, unless an fp32 copy of the model would not fit twice in this machine's memory (the export check holds
+    the model and an ONNX Runtime session at once). Then parts that ship in FP16 are exported straight from the
+    checkpoint's weights in fp16, and no fp32 copy is ever made. Returns the dtype and, for fp16, the reason."""
+    fp32_bytes = 4 * sum(parameter_counts(config).values())
+    memory = host_memory_bytes()
+    if 2 * fp32_bytes <= memory:
+        return "float32", None
+    if set(prof.precision.values()) == {"fp16"}:
+        return "float16", (f"an fp32 copy of the model ({fp32_bytes / 1e9:.1f} GB) would not fit twice in this "
+                           f"machine's {memory / 1e9:.1f} GB, so the FP16 parts are exported from fp16 weights")
+    raise VlexportError(
+        f"an fp32 copy of this model ({fp32_bytes / 1e9:.1f} GB) does not fit twice in this machine's memory "
+        f"({memory / 1e9:.1f} GB), and only all-FP16 builds export from fp16 weights (precision here: "
+        f"{', '.join(f'{k}={v}' for k, v in prof.precision.items())}); use --target cpu-fp16 or another target "
+        "whose parts are all fp16, or build on a machine with more memory"
+    )
+
+
 def check_buildable(target, int8) -> None:
     """Precisions this version can produce for the target's backend."""
     if target.precision["embed"] == "int8":
@@ -162,7 +188,7 @@ def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, 
         if not own:
             continue
         t = time.perf_counter()
-        model = load_llava(base)
+        model = load_llava(base, attention=EXPORT_ATTENTION["float32"])
         merge_adapters(model, [*loaded, *own])
         _apply_smoothing(model, smoothing)  # the base's channel maxima; the fold is exact for any weights
         wanted = merged_parts(own)
@@ -190,9 +216,13 @@ def build(
     precision: dict | None = None,
     int8: str | None = None,
     calib: str | Path | None = None,
+    verify_layers: int | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
-    """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`."""
+    """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`.
+
+    verify_layers=N verifies only the first N decoder layers (`vlexport verify --layers`); it is chosen (N=2) when
+    the fp32 PyTorch reference would not fit in memory."""
     base, out = Path(base), Path(out)
     check_output_path(out, force)
     config = check_base_dir(base)
@@ -204,6 +234,9 @@ def build(
 
         calib_cases(calib)  # a bad calibration folder fails now, not after the export
     facts = facts_from_config(config)
+    if verify_layers is not None and not 1 <= verify_layers <= facts.num_layers:
+        raise VlexportError(f"--verify-layers must be between 1 and the model's {facts.num_layers} decoder layers "
+                            f"(got {verify_layers})")
     assets = read_text_assets(base)
     loaded, tasks = load_bank(adapters, adapter_kind)
     pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if a.kind not in MERGEABLE)
@@ -214,10 +247,21 @@ def build(
             pack_bytes += counts[part] * BYTES[prof.precision[part]]
     memory = plan_memory(config, prof, adapter_bytes=pack_bytes)
     check_fits(memory, config, prof)
+    dtype, low_memory = choose_export_dtype(config, prof)
+    if low_memory:
+        log(low_memory)
+        if tasks:
+            raise VlexportError("bank tasks are not built for models exported in fp16 to save memory yet; build the "
+                                "model without NAME=PATH adapters, or on a machine with more memory")
+        if verify and verify_layers is None:
+            verify_layers = 2
+            log("the fp32 PyTorch reference would not fit either: verify compares the first 2 decoder layers")
+    if verify_layers is not None and tasks:
+        raise VlexportError("--verify-layers does not cover bank tasks yet; verify a bundle with tasks in full")
     stages: dict[str, dict] = {}
 
     t = time.perf_counter()
-    model = load_llava(base)
+    model = load_llava(base, dtype=dtype, attention=EXPORT_ATTENTION[dtype])
     merge_adapters(model, loaded)
     for task_adapters in tasks.values():
         for a in task_adapters:
@@ -225,7 +269,7 @@ def build(
     vision_layers = max(feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
     slots = slot_geometry(tasks, facts, vision_layers, model.config.vision_config.hidden_size)
     stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
-    log(f"merged {len(loaded)} adapter(s) into the base in fp32")
+    log(f"merged {len(loaded)} adapter(s) into the base in {dtype}")
     t = time.perf_counter()
     smoothing = _smoothquant(model, base, assets, loaded, int8_opts, prof.precision, calib, log)
     if smoothing:
@@ -233,7 +277,8 @@ def build(
         stages["smoothquant"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
         log(f"SmoothQuant (alpha {smoothing['alpha']}): {n} norm/linear groups in {', '.join(smoothing['parts'])} rescaled")
 
-    rel_tol = prof.thresholds("fp32")["export_rel_tol"]
+    exported = "fp32" if dtype == "float32" else "fp16"
+    rel_tol = prof.thresholds(exported)["export_rel_tol"]
     with atomic_directory(out, force) as tmp:
         parts = {}
         for spec in part_specs(model, facts, frozenset(slots)):
@@ -243,14 +288,16 @@ def build(
                 # Optional slot inputs for ONNX Runtime hosts. Not for TensorRT: its ONNX parser treats an input
                 # that has an initializer as a constant, which would freeze the slot.
                 add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
-            check = check_part(spec, path, rel_tol)
+            # A decoder too large to hold twice is checked on its first layers (their K/V outputs).
+            check = check_part(spec, path, rel_tol, first_layers=2 if low_memory and spec.name == "decoder" else None)
             seconds = time.perf_counter() - t
             stages[f"export_{spec.name}"] = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
             # Exported FP32; lower_parts below lowers them for ONNX Runtime, and makes TensorRT's INT8 Q/DQ graphs.
             # TensorRT lowers the rest to FP16 when it builds the engines.
-            parts[spec.name] = {"file": path.name, "precision": "fp32", **onnx_io(path), "export_check": check}
+            parts[spec.name] = {"file": path.name, "precision": exported, **onnx_io(path), "export_check": check}
             log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
         del model
+        gc.collect()  # a 7B's weights must be gone before verify loads its reference
         task_parts = _export_task_parts(tmp, base, loaded, tasks, facts, slots, rel_tol, stages, log,
                                         slot_defaults=prof.backend == "onnxruntime", smoothing=smoothing)
 
@@ -289,7 +336,7 @@ def build(
             "preprocessing": {"image": {k: getattr(spec, k) for k in spec.__dataclass_fields__}},
             "chat_template": {"file": "chat_template.jinja"} if assets["chat_template"] else None,
             "generation": {"eos_token_ids": _eos_ids(base, facts)},
-            "build": {"stages": stages},
+            "build": {"stages": stages, "export_dtype": dtype, **({"export_dtype_reason": low_memory} if low_memory else {})},
         }
         if set(prof.precision.values()) - {"fp32"}:
             from .precision import lower_parts
@@ -306,14 +353,15 @@ def build(
             from .precision import failing_int8_parts, restore_fp32
 
             t = time.perf_counter()
-            report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, log=log)
+            report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, layers=verify_layers, log=log)
             # The last step of the fallback: an INT8 part that fails the gate on verify's data ships in FP32.
             while not report["passed"] and int8_opts.fallback and failing_int8_parts(manifest, report):
                 for part in failing_int8_parts(manifest, report):
                     restore_fp32(tmp, manifest, part, f"INT8 failed the parity gate ({report['summary']})")
                     log(f"{part}: INT8 failed the parity gate ({report['summary']}); shipping it in FP32")
                 manifest["precision"]["parts"] = {name: part["precision"] for name, part in parts.items()}
-                report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, log=log)
+                report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, layers=verify_layers,
+                                          log=log)
             stages["verify"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
             (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
             manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"]}

@@ -55,6 +55,7 @@ def build(
     precision: Optional[str] = typer.Option(None, "--precision", help="Override the target per part: vision=int8,decoder=fp16."),
     int8: Optional[str] = typer.Option(None, "--int8", help="Override the target's [int8] options: calibration=entropy,decoder=weight-only,fallback=false,form=qdq,smoothquant_alpha=0.5."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration folder (images + prompts.jsonl); default calib/."),
+    verify_layers: Optional[int] = typer.Option(None, "--verify-layers", help="Verify only the first N decoder layers (chosen, N=2, when the fp32 reference would not fit in memory)."),
 ):
     """Merge adapters into the base, export vision/embed/decoder to ONNX, lower their precision, check them and write a bundle."""
     from .build import build as run_build
@@ -63,7 +64,7 @@ def build(
     with console.status("building bundle..."):
         manifest = run_build(base, adapter, output, target=target, force=force, adapter_kind=adapter_kind,
                              verify=verify, precision=parse_precision_overrides(precision), int8=int8, calib=calib,
-                             log=_log)
+                             verify_layers=verify_layers, log=_log)
     engines = manifest.get("engines")
     if engines and engines["status"] == "planned":
         out.print(f"[yellow]TensorRT engines were not built on this machine[/] ({engines['reason']}). "
@@ -341,7 +342,7 @@ def check_trt(
 @_handle_errors
 def fixture_llava(
     out_dir: Path = typer.Argument(...),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa | 7b-shaped"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa | 7b-shaped (14 GB of random fp16 weights, written shard by shard)"),
     seed: int = typer.Option(0, "--seed"),
     config_only: bool = typer.Option(False, "--config-only", help="Write config.json only (enough for `vlexport plan`)."),
     outliers: bool = typer.Option(False, "--outliers", help="Inject the activation outliers of trained LLMs (same function, INT8-hostile ranges)."),

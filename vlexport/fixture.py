@@ -48,10 +48,11 @@ PRESETS = {
     # ViT-B/14 at 224 and a 12-layer, 768-wide Llama: LLaVA-1.5's ratios at about 1/50 of its size.
     "small": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 12, 2048, 32064),
     "small-gqa": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 4, 2048, 32064),
-    # llava-hf/llava-1.5-7b-hf's public dimensions: CLIP ViT-L/14 at 336, Llama-2-7B. Config only for now.
+    # llava-hf/llava-1.5-7b-hf's public dimensions: CLIP ViT-L/14 at 336, Llama-2-7B, random fp16 weights written
+    # tensor by tensor (write_random_checkpoint), so the fixture never holds the model in memory.
     "7b-shaped": Preset(1024, 24, 16, 4096, 336, 14, 4096, 32, 32, 32, 11008, 32064, dtype="float16"),
 }
-CONFIG_ONLY = {"7b-shaped"}
+STREAMED = {"7b-shaped"}
 
 _SYLLABLES = [
     c + v
@@ -106,12 +107,12 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outlier
 
     outliers=True injects the activation outliers real models have (see inject_outliers)."""
     import torch
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     if preset not in PRESETS:
         raise VlexportError(f"unknown fixture preset '{preset}': choose one of {', '.join(PRESETS)}")
-    if preset in CONFIG_ONLY:
-        raise VlexportError(f"preset '{preset}' is written as config.json only for now: pass --config-only")
+    if outliers and preset in STREAMED:
+        raise VlexportError(f"--outliers needs the model in memory; preset '{preset}' is streamed to disk tensor by tensor")
     p = PRESETS[preset]
     out = Path(out_dir)
 
@@ -134,6 +135,10 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outlier
     )
     config = llava_config(p, image_token_id=raw_tok.token_to_id(IMAGE_TOKEN), bos=raw_tok.token_to_id("<s>"),
                           eos=raw_tok.token_to_id("</s>"), pad=raw_tok.token_to_id(PAD_TOKEN))
+    if preset in STREAMED:
+        write_random_checkpoint(config, out, seed)
+        _save_processor(out, p, tokenizer)
+        return out
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -155,6 +160,12 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outlier
         if outliers:
             inject_outliers(model, seed)
     model.save_pretrained(out, safe_serialization=True)
+    _save_processor(out, p, tokenizer)
+    return out
+
+
+def _save_processor(out: Path, p: Preset, tokenizer) -> None:
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": p.image_size},
@@ -169,6 +180,63 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outlier
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
+
+
+# llava-hf checkpoints keep LLaVA's original key layout; transformers 5 maps it to its modules when loading.
+_CHECKPOINT_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                        ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def write_random_checkpoint(config, out_dir: str | Path, seed: int = 0, shard_bytes: int = 2 * 1024**3) -> Path:
+    """Seeded random weights for `config` in its dtype, written shard by shard (safetensors + index, llava-hf keys).
+
+    The model is built on the meta device for its parameter names and shapes only, so memory stays at one shard
+    whatever the model's size. Values follow the small fixtures: normal(0, initializer_range) matrices with GPT-2's
+    scaled init on o_proj/down_proj, and norms and biases near 1 and 0."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, str(config.dtype).replace("torch.", "")) if config.dtype else torch.float32
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    std = config.text_config.initializer_range
+    residual_scale = (2 * config.text_config.num_hidden_layers) ** -0.5
+    g = torch.Generator().manual_seed(seed)
+    # Shards are planned from the shapes first (file names carry their count), then filled and written one by one.
+    plan: list[list[tuple[str, tuple]]] = [[]]
+    size = 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * dtype.itemsize
+        if plan[-1] and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((name, tuple(tensor.shape)))
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, names in enumerate(plan):
+        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {}
+        for name, shape in names:
+            if name.endswith("bias") or "norm" in name:
+                value = (1.0 if name.endswith("weight") else 0.0) + 0.05 * torch.randn(shape, generator=g)
+            else:
+                value = torch.randn(shape, generator=g).mul_(std)
+                if name.endswith(("o_proj.weight", "down_proj.weight")) and "language_model" in name:
+                    value.mul_(residual_scale)
+            key = next((old + name[len(new):] for new, old in _CHECKPOINT_PREFIXES if name.startswith(new)), name)
+            shard[key] = value.to(dtype)
+            weight_map[key] = file
+            total += shard[key].nbytes
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        del shard
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    config.save_pretrained(out)
     return out
 
 

@@ -87,8 +87,18 @@ def facts_from_config(config: dict) -> LlavaFacts:
     )
 
 
-def load_llava(base: Path, num_text_layers: int | None = None):
-    """The base model in fp32, eval mode, SDPA attention (exports to plain ONNX ops).
+# transformers' attention implementation to export with, by dtype. "eager" exports as MatMul/Softmax/MatMul with
+# the scale applied to the scores, which ONNX Runtime fuses with the K transpose; the SDPA decomposition scales all
+# of K every step. On the small fixture, decode at context 300 is about 10% faster, at 1000 about 15%
+# (bench/results/2026-11-25-xeon-2core/README.md). fp16 keeps SDPA: eager adds the mask in fp16, where the mask's
+# minimum plus a score overflows to -inf on fully masked (left-padding) rows, and ONNX Runtime and torch then
+# disagree there (the 7B-shaped export check caught it).
+EXPORT_ATTENTION = {"float32": "eager", "float16": "sdpa"}
+
+
+def load_llava(base: Path, num_text_layers: int | None = None, dtype: str = "float32", attention: str = "sdpa"):
+    """The base model in fp32 (or `dtype`), eval mode, with transformers' `attention` implementation (SDPA, what
+    users run, unless the exporter asks for EXPORT_ATTENTION).
 
     num_text_layers loads only the first decoder layers (few-layer parity on machines too small for the model).
     """
@@ -101,7 +111,7 @@ def load_llava(base: Path, num_text_layers: int | None = None):
         if num_text_layers is not None:
             config.text_config.num_hidden_layers = num_text_layers
         model = LlavaForConditionalGeneration.from_pretrained(
-            str(base), config=config, dtype=torch.float32, attn_implementation="sdpa"
+            str(base), config=config, dtype=getattr(torch, dtype), attn_implementation=attention
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise VlexportError(f"--base '{base}' could not be loaded as LLaVA: {str(e).splitlines()[0]}") from None

@@ -8,16 +8,34 @@ import numpy as np
 
 
 class OrtRunner:
-    def __init__(self, onnx_path: Path, threads: int | None = None):
-        import onnxruntime as ort
+    """The session opens on first use, so that a part never run (the full decoder under `verify --layers`, a 7B's
+    13 GB) costs no memory."""
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.input_names = [i.name for i in self.session.get_inputs()]
+    def __init__(self, onnx_path: Path, threads: int | None = None):
+        self.onnx_path, self.threads = Path(onnx_path), threads
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self._names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+            self._session = session
+        return self._session
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.session and self._names[0]
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.session and self._names[1]
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))

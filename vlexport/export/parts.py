@@ -9,6 +9,8 @@ The I/O contract (shared by vlexport's runtime, onnxruntime-genai and TensorRT):
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -56,7 +58,9 @@ class VisionPart(nn.Module):
         self.projector = model.model.multi_modal_projector
 
     def forward(self, pixel_values: torch.Tensor, *slot) -> torch.Tensor:
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        slot = tuple(t.to(dtype) for t in slot)
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(dtype)))
         states = [hidden]
         for i, layer in enumerate(self.layers):
             # CLIPEncoderLayer's own steps, spelled out so that adapter slots can sit at its residual adds.
@@ -69,7 +73,7 @@ class VisionPart(nn.Module):
         if self.drop_cls:
             features = features[:, 1:]
         projected = self.projector(features)
-        return projected.reshape(-1, projected.shape[-1])
+        return projected.reshape(-1, projected.shape[-1]).float()
 
 
 class EmbedPart(nn.Module):
@@ -94,7 +98,7 @@ class EmbedPart(nn.Module):
         index = torch.where(flat, order, torch.full_like(order, n_features)).clamp(max=n_features)
         padded = torch.cat([image_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
         gathered = padded[index].reshape(embeds.shape)
-        return torch.where(is_image.unsqueeze(-1), gathered, embeds)
+        return torch.where(is_image.unsqueeze(-1), gathered, embeds).float()
 
 
 class DecoderPart(nn.Module):
@@ -113,10 +117,21 @@ class DecoderPart(nn.Module):
         self.num_layers = self.text_config.num_hidden_layers
         self.slots = slots
 
+    def first_layers(self, n: int) -> "DecoderPart":
+        """The same modules run through their first n layers only (export checks of decoders too large to hold
+        twice); its present.{0..n-1} outputs are the full decoder's."""
+        part = copy.copy(self)
+        part.num_layers = n
+        return part
+
     def forward(self, inputs_embeds, attention_mask, position_ids, *inputs):
         from transformers import DynamicCache
 
-        past_key_values, slot = inputs[: 2 * self.num_layers], inputs[2 * self.num_layers :]
+        # A model loaded in fp16 (a 7B on a small machine) computes in fp16 behind the same fp32 I/O contract.
+        dtype = self.lm_head.weight.dtype
+        inputs_embeds = inputs_embeds.to(dtype)
+        past_key_values = [t.to(dtype) for t in inputs[: 2 * self.num_layers]]
+        slot = tuple(t.to(dtype) for t in inputs[2 * self.num_layers :])
         cache = DynamicCache(config=self.text_config)
         for i in range(self.num_layers):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
@@ -137,10 +152,10 @@ class DecoderPart(nn.Module):
             hidden = bottleneck_slot(hidden, h, i, 1, slot) if self.slots else hidden + h
         # Generation needs only the last position's logits. Projecting every prompt position onto the vocabulary
         # would cost a prefill of 768 tokens with a 32k vocabulary about 38 GFLOP for nothing.
-        logits = self.lm_head(lm.norm(hidden[:, -1:]))
+        logits = self.lm_head(lm.norm(hidden[:, -1:])).float()
         present = []
-        for layer in cache.layers:
-            present += [layer.keys, layer.values]
+        for layer in cache.layers[: self.num_layers]:
+            present += [layer.keys.float(), layer.values.float()]
         return (logits, *present)
 
 

@@ -24,11 +24,11 @@ def first_layers_session(decoder_path: Path, num_layers: int):
     from onnx.utils import Extractor
 
     model = onnx.load(str(decoder_path), load_external_data=False)
-    inputs = ["inputs_embeds", "attention_mask", "position_ids"]
-    outputs = []
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    outputs = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    # Every graph input may be kept: the exporter can read a shared dimension (the past length) from any layer's
+    # past input. The extractor drops the ones the cut graph does not reach.
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
     sub = Extractor(model).extract_model(inputs, outputs)
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(decoder_path.parent))
@@ -65,8 +65,8 @@ def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int
     vision["max_rel_to_scale"] = vision["max_abs"] / max(vision["scale"], 1e-12)
     n = embeds.shape[1]
     feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
-    empty = bundle.empty_past()
-    feed.update({k: v for k, v in empty.items() if int(k.split(".")[1]) < num_layers})
+    wanted = {i.name for i in sub_session.get_inputs()}
+    feed.update({k: v for k, v in bundle.empty_past().items() if k in wanted})
     names = list(ref_kv)
     got = dict(zip(names, sub_session.run(names, feed)))
     decoder = {}

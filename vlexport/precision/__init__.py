@@ -210,7 +210,8 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
     from .fp16 import to_fp16
     from .int8 import quantize, weight_matmuls
 
-    wanted = {name: p for name, p in prof.precision.items() if p != "fp32"}
+    # Parts exported in FP16 already (a model too large for an fp32 copy) need no lowering.
+    wanted = {name: p for name, p in prof.precision.items() if p != "fp32" and manifest["parts"][name]["precision"] != p}
     if prof.backend == "tensorrt":  # TensorRT lowers FP32 parts to FP16 itself; INT8 needs the Q/DQ graph from here
         wanted = {name: p for name, p in wanted.items() if p == "int8"}
     if not wanted:
