@@ -16,6 +16,7 @@ from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import VlexportError
 from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import EXPORT_ATTENTION, check_base_dir, facts_from_config, fingerprint, load_llava
+from .parity.verify import check_first_layers
 from .plan import BYTES, check_fits, parameter_counts, plan_memory
 from .precision import int8_options
 from .target import load_target
@@ -234,9 +235,6 @@ def build(
 
         calib_cases(calib)  # a bad calibration folder fails now, not after the export
     facts = facts_from_config(config)
-    if verify_layers is not None and not 1 <= verify_layers <= facts.num_layers:
-        raise VlexportError(f"--verify-layers must be between 1 and the model's {facts.num_layers} decoder layers "
-                            f"(got {verify_layers})")
     assets = read_text_assets(base)
     loaded, tasks = load_bank(adapters, adapter_kind)
     pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if a.kind not in MERGEABLE)
@@ -254,10 +252,9 @@ def build(
             raise VlexportError("bank tasks are not built for models exported in fp16 to save memory yet; build the "
                                 "model without NAME=PATH adapters, or on a machine with more memory")
         if verify and verify_layers is None:
-            verify_layers = 2
-            log("the fp32 PyTorch reference would not fit either: verify compares the first 2 decoder layers")
-    if verify_layers is not None and tasks:
-        raise VlexportError("--verify-layers does not cover bank tasks yet; verify a bundle with tasks in full")
+            verify_layers = min(2, facts.num_layers)
+            log(f"the fp32 PyTorch reference would not fit either: verify compares the first {verify_layers} decoder layers")
+    check_first_layers(verify_layers, facts.num_layers, bool(tasks), "--verify-layers")
     stages: dict[str, dict] = {}
 
     t = time.perf_counter()

@@ -233,7 +233,6 @@ def write_random_checkpoint(config, out_dir: str | Path, seed: int = 0, shard_by
             weight_map[key] = file
             total += shard[key].nbytes
         save_file(shard, str(out / file), metadata={"format": "pt"})
-        del shard
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     config.save_pretrained(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -13,29 +14,24 @@ class OrtRunner:
 
     def __init__(self, onnx_path: Path, threads: int | None = None):
         self.onnx_path, self.threads = Path(onnx_path), threads
-        self._session = None
 
-    @property
+    @cached_property
     def session(self):
-        if self._session is None:
-            import onnxruntime as ort
+        import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
-            self._names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-            self._session = session
-        return self._session
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
 
-    @property
+    @cached_property
     def input_names(self) -> list[str]:
-        return self.session and self._names[0]
+        return [i.name for i in self.session.get_inputs()]
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
-        return self.session and self._names[1]
+        return [o.name for o in self.session.get_outputs()]
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))

@@ -194,6 +194,16 @@ def _aggregate(cases: list[dict]) -> dict:
     return out
 
 
+def check_first_layers(layers: int | None, num_layers: int, has_tasks: bool, option: str = "--layers") -> None:
+    """What few-layer parity can check: verify calls this, and build before its first export."""
+    if layers is None:
+        return
+    if not 1 <= layers <= num_layers:
+        raise VlexportError(f"{option} must be between 1 and the model's {num_layers} decoder layers (got {layers})")
+    if has_tasks:
+        raise VlexportError(f"{option} does not cover task packs yet; verify a bundle with tasks in full")
+
+
 def verify_directory(
     bundle_dir: Path,
     manifest: dict,
@@ -213,12 +223,9 @@ def verify_directory(
     from ..runtime import Bundle
 
     cases_in = folder_cases(data) if data else builtin_cases()
-    if layers is not None and not 1 <= layers <= manifest["model"]["num_layers"]:
-        raise VlexportError(f"--layers must be between 1 and the model's {manifest['model']['num_layers']} decoder layers (got {layers})")
     tasks = tasks or {}
+    check_first_layers(layers, manifest["model"]["num_layers"], bool(tasks))
     if layers is not None:
-        if tasks:
-            raise VlexportError("--layers does not cover task packs yet; verify a bundle with tasks in full")
         if backend != "onnxruntime":
             raise VlexportError("--layers runs on the ONNX parts only (it cuts the decoder graph); drop --backend")
         from .layers import verify_first_layers
