@@ -67,3 +67,41 @@ def test_evaluate_names_the_worst_case():
     by_metric = {c["metric"]: c for c in checks}
     assert by_metric["max_rel_logit_diff"]["worst_case"] == "b" and not by_metric["max_rel_logit_diff"]["passed"]
     assert by_metric["exact_match_rate"]["value"] == 0.5 and by_metric["exact_match_rate"]["passed"]
+
+
+def test_zero_checks_fail():
+    cases = [{"name": "a", "vision": {"image_features": {"cosine": 1.0}}}]
+    for thresholds in ({}, {"logit_rel_tol": 1e-4}):  # nothing to check, or nothing that applies to these outputs
+        checks, passed = evaluate(cases, thresholds)
+        assert not passed and [c["threshold"] for c in checks] == ["no checks"]
+        assert "cannot pass" in checks[0]["message"]
+    assert not evaluate([], {"logit_rel_tol": 1e-4})[1]
+
+
+def test_unknown_threshold_key_fails_by_name():
+    cases = [{"name": "a", "decoder": {"logits": {"max_rel_logit_diff": 0.0}}}]
+    checks, passed = evaluate(cases, {"logit_rel_tol": 1e-4, "logit_rel_tl": 1e-4})
+    assert not passed and [c["threshold"] for c in checks if not c["passed"]] == ["logit_rel_tl"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("metric,key", [("max_rel_logit_diff", "logit_rel_tol"), ("cosine", "logit_cosine_min")])
+def test_non_finite_metric_fails_in_any_order(bad, metric, key):
+    good = {"name": "good", "decoder": {"logits": {metric: 1e-6 if metric != "cosine" else 1.0}}}
+    worse = {"name": "bad", "decoder": {"logits": {metric: bad}}}
+    for cases in ([good, worse], [worse, good]):
+        checks, passed = evaluate(cases, {key: 1e-4 if metric != "cosine" else 0.999})
+        assert not passed, (bad, metric)
+        assert checks[0]["worst_case"] == "bad" and "non-finite" in checks[0]["message"]
+
+
+def test_non_finite_top1_fails():
+    cases = [{"name": "a", "decoder": {"logits": {"top1_agreement": 1.0, "tokens": 4}}},
+             {"name": "b", "decoder": {"logits": {"top1_agreement": math.nan, "tokens": 4}}}]
+    checks, passed = evaluate(cases, {"top1_min": 0.5})
+    assert not passed and checks[0]["worst_case"] == "b"
+
+
+def test_non_finite_limit_fails():
+    cases = [{"name": "a", "decoder": {"logits": {"max_rel_logit_diff": 1.0}}}]
+    assert not evaluate(cases, {"logit_rel_tol": math.inf})[1]

@@ -102,15 +102,28 @@ def build_tokenizer(vocab_size: int, seed: int):
     return tok
 
 
-def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outliers: bool = False) -> Path:
+def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outliers: bool = False,
+               weight_scale: float = 1.0) -> Path:
     """Write a complete llava-hf style directory: config, safetensors, tokenizer, processor, chat template.
 
-    outliers=True injects the activation outliers real models have (see inject_outliers)."""
+    outliers=True injects the activation outliers real models have (see inject_outliers).
+    weight_scale multiplies every seeded weight matrix (both towers, the projector, embeddings; not norms, biases
+    or the fitted lm_head): attention scores grow with its square and the MLPs' outputs with its square too, so the
+    model is worse conditioned and PyTorch FP32's rounding becomes measurable against float64 (the parity
+    oracle's test base). Measured on tiny (seed 0, a DoRA/rsLoRA LoRA and a BitFit dump): PyTorch FP32 is off float64
+    by 4e-7 of the logit scale at 1 and at 3, 3e-5 at 20, up to 1e-3 over verify's six cases at 30; the effect is
+    not monotone (at 100 attention saturates: 1e-5), so tests use 30."""
+    import math
+
     import torch
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     if preset not in PRESETS:
         raise VlexportError(f"unknown fixture preset '{preset}': choose one of {', '.join(PRESETS)}")
+    if not (isinstance(weight_scale, (int, float)) and math.isfinite(weight_scale) and weight_scale > 0):
+        raise VlexportError(f"--weight-scale {weight_scale!r}: use a finite number > 0 (1 keeps the normal init)")
+    if weight_scale != 1.0 and preset in STREAMED:
+        raise VlexportError(f"--weight-scale needs the model in memory; preset '{preset}' is streamed to disk tensor by tensor")
     if outliers and preset in STREAMED:
         raise VlexportError(f"--outliers needs the model in memory; preset '{preset}' is streamed to disk tensor by tensor")
     p = PRESETS[preset]
@@ -149,6 +162,8 @@ def make_llava(out_dir: str | Path, preset: str = "tiny", seed: int = 0, outlier
             if name.endswith("bias") or "norm" in name:
                 base = 1.0 if name.endswith("weight") else 0.0
                 param.copy_(base + 0.05 * torch.randn(param.shape, generator=g))
+            elif weight_scale != 1.0 and not name.startswith("lm_head"):
+                param.mul_(weight_scale)
         # GPT-2's scaled init for the projections that write into the residual stream (1/sqrt(2 * layers)): without
         # it a deep random decoder is chaotic, and any rounding (FP16, INT8) moves its logits far more than it moves
         # a trained model's, so no precision gate could be judged on it.

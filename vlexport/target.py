@@ -9,11 +9,16 @@ Fields (all but name, backend, precision and parity are optional for CPU targets
   [builder]        optimization_level (0-5), workspace_gb, dla_vision (bool), timing_cache (bool)
   [int8]           how INT8 parts are made: calibration, decoder (w8a8 | weight-only), smoothquant_alpha, fallback,
                    form (see vlexport/precision/__init__.py)
-  [parity.<prec>]  thresholds that build and verify apply (see README)
+  [parity.<prec>]  thresholds that build and verify apply (see README): export_rel_tol, at least one gate threshold
+                   (vlexport/parity/verify.py THRESHOLDS), and in [parity.fp32] optionally oracle_k, the factor
+                   over PyTorch FP32's own error against the float64 oracle that the FP32 gate allows
+Every key is checked at load: an unknown or misspelt one is an error naming it (a typo must never drop a check).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,75 @@ BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 DEFAULT_SHAPES = {"batch": [1, 1, 1], "images": [1, 1, 1], "prompt_tokens": [1, 600, 2048], "context": 4096}
+TOP_LEVEL_KEYS = ("name", "description", "backend", "device", "compute_capability", "tensorrt_versions", "jetpack",
+                  "usable_memory_gb", "memory_bandwidth_gbs", "dla_cores", "runtime_overhead_gb", "precision", "shapes",
+                  "builder", "int8", "parity")
+BUILDER_KEYS = ("optimization_level", "workspace_gb", "dla_vision", "timing_cache")
+ORACLE_K_MAX = 10.0  # a larger k would let the oracle wave through errors ten times PyTorch FP32's own
+
+
+def _unknown(where: str, key: str, known, fix: str = "") -> VlexportError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return VlexportError(f"{where}: unknown key '{key}'; {hint}known keys: {', '.join(known)}" + (f" ({fix})" if fix else ""))
+
+
+def _check_keys(where: str, section, known, name: str) -> None:
+    if not isinstance(section, dict):
+        raise VlexportError(f"{where}: '{name}' must be a table ([{name}]), not {type(section).__name__}")
+    for key in section:
+        if key not in known:
+            raise _unknown(f"{where} [{name}]" if name else where, key, known)
+
+
+def parity_keys(precision: str) -> tuple[str, ...]:
+    """The keys a [parity.<precision>] section may hold."""
+    from .parity.verify import THRESHOLDS
+
+    return ("export_rel_tol", *THRESHOLDS, *(("oracle_k",) if precision == "fp32" else ()))
+
+
+def validate_parity(parity, where: str, used: set | None = None) -> None:
+    """[parity.<precision>] sections: known precisions and keys only, export_rel_tol and at least one gate threshold
+    in each, every value a finite number in its range; `used`, the precisions the parts run at, must each have one.
+    A misspelt key would otherwise give a gate with no check, which passes."""
+    from .parity.verify import THRESHOLDS
+
+    if not isinstance(parity, dict):
+        raise VlexportError(f"{where}: 'parity' must be a table of [parity.<precision>] sections ({', '.join(PRECISIONS)})")
+    for prec, section in parity.items():
+        if prec not in PRECISIONS:
+            close = difflib.get_close_matches(prec, PRECISIONS, n=1)
+            raise VlexportError(f"{where}: unknown section [parity.{prec}]; " + (f"did you mean [parity.{close[0]}]? " if close else "")
+                                + f"sections are [parity.<precision>] with precision one of {', '.join(PRECISIONS)}")
+        name = f"parity.{prec}"
+        known = parity_keys(prec)
+        if not isinstance(section, dict):
+            raise VlexportError(f"{where}: [{name}] must be a table of thresholds, not a {type(section).__name__}")
+        for key, value in section.items():
+            if key not in known:
+                fix = "oracle_k belongs in [parity.fp32]: FP16 and INT8 gates keep fixed limits" if key == "oracle_k" else ""
+                raise _unknown(f"{where} [{name}]", key, known, fix)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise VlexportError(f"{where} [{name}]: {key} = {value!r}; use a finite number")
+            if key == "oracle_k" and not 0 < value <= ORACLE_K_MAX:
+                raise VlexportError(f"{where} [{name}]: oracle_k = {value!r}; use a number in (0, {ORACLE_K_MAX:g}] "
+                                    "(2 allows the bundle twice PyTorch FP32's own error against float64)")
+            if key in THRESHOLDS and THRESHOLDS[key][3] == ">=" and not 0 <= value <= 1:
+                raise VlexportError(f"{where} [{name}]: {key} = {value!r}; a minimum cosine, agreement or match rate "
+                                    "lies in [0, 1]")
+            if key not in THRESHOLDS or THRESHOLDS[key][3] == "<=":
+                if value < 0:
+                    raise VlexportError(f"{where} [{name}]: {key} = {value!r}; a tolerance is >= 0")
+        if "export_rel_tol" not in section:
+            raise VlexportError(f"{where} [{name}] has no export_rel_tol; add it (the export check's max|ort - torch| / "
+                                "max(1, max|torch|), e.g. 1e-4 for fp32)")
+        if not any(k in THRESHOLDS for k in section):
+            raise VlexportError(f"{where} [{name}] has no parity threshold, so its gate would check nothing; add at "
+                                f"least one of {', '.join(THRESHOLDS)}")
+    for p in sorted(used or ()):
+        if p not in parity:
+            raise VlexportError(f"{where} has no [parity.{p}] thresholds for its {p} parts; add that section")
 
 
 @dataclass(frozen=True)
@@ -48,7 +122,10 @@ class Target:
     int8: dict = field(default_factory=dict)
 
     def thresholds(self, precision: str) -> dict:
-        return self.parity.get(precision, {})
+        if precision not in self.parity:
+            raise VlexportError(f"target '{self.name}' ({self.source or 'recorded in the manifest'}) has no "
+                                f"[parity.{precision}] thresholds; add that section to the profile")
+        return self.parity[precision]
 
     def with_precision(self, overrides: dict) -> "Target":
         import dataclasses
@@ -64,7 +141,21 @@ class Target:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Target":
-        """The Target a manifest recorded (so a device needs no copy of the profile file)."""
+        """The Target a manifest recorded (so a device needs no copy of the profile file). Validated as a profile
+        is: an older manifest may have recorded a profile with a misspelt threshold, whose check never ran."""
+        import dataclasses
+
+        where = "the bundle manifest's 'target'"
+        if not isinstance(d, dict):
+            raise VlexportError(f"{where} is not an object; rebuild the bundle")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                raise _unknown(where, key, fields, "rebuild the bundle with this vlexport")
+        missing = [f for f in ("name", "description", "backend", "precision") if f not in d]
+        if missing:
+            raise VlexportError(f"{where} has no '{missing[0]}'; rebuild the bundle")
+        validate_parity(d.get("parity", {}), f"{where} ({d['name']})", set((d.get("precision") or {}).values()))
         return cls(**{k: tuple(v) if k in ("tensorrt_versions", "jetpack") else v for k, v in d.items()})
 
     def to_dict(self) -> dict:
@@ -112,9 +203,17 @@ def load_target(name_or_path: str) -> Target:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise VlexportError(f"target profile '{path}' is not valid TOML ({e})") from None
+    where = f"target profile '{path}'"
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise _unknown(where, key, TOP_LEVEL_KEYS, "see the field list in vlexport/target.py")
     for key in ("name", "backend", "precision", "parity"):
         if key not in data:
             raise VlexportError(f"target profile '{path}' has no '{key}' field")
+    _check_keys(where, data["precision"], PARTS, "precision")
+    _check_keys(where, data.get("shapes", {}), tuple(DEFAULT_SHAPES), "shapes")
+    _check_keys(where, data.get("builder", {}), BUILDER_KEYS, "builder")
+    _check_int8_keys(where, data.get("int8", {}))
     if data["backend"] not in BACKENDS:
         raise VlexportError(f"target profile '{path}': backend '{data['backend']}' is not one of {', '.join(BACKENDS)}")
     precision = data["precision"]
@@ -124,9 +223,7 @@ def load_target(name_or_path: str) -> Target:
                 f"target profile '{path}': precision.{part} = {precision.get(part)!r}; use one of {', '.join(PRECISIONS)}"
             )
     parity = data["parity"]
-    for p in set(precision.values()):
-        if p not in parity:
-            raise VlexportError(f"target profile '{path}' has no [parity.{p}] thresholds for its {p} parts")
+    validate_parity(parity, where, set(precision.values()))
     shapes = {**DEFAULT_SHAPES, **data.get("shapes", {})}
     for key in ("batch", "images", "prompt_tokens"):
         _range(path, key, shapes[key])
@@ -154,6 +251,12 @@ def load_target(name_or_path: str) -> Target:
         builder=dict(data.get("builder", {})),
         int8=_int8_section(path, data.get("int8", {})),
     )
+
+
+def _check_int8_keys(where: str, section) -> None:
+    from .precision import INT8_DEFAULTS
+
+    _check_keys(where, section, tuple(INT8_DEFAULTS), "int8")
 
 
 def _int8_section(path: Path, section: dict) -> dict:

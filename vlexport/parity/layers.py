@@ -5,6 +5,10 @@ Extractor, weights left in the external data file, so ONNX Runtime maps only tho
 first N decoder layers. Both are fed the reference's own inputs_embeds (image features written in), teacher-forced
 over the prompt, and every layer's keys and values are compared. Layer i's K/V depend on layers 0..i-1 in full,
 so this checks all but the last layer's attention output and MLP, plus that layer's norm and K/V projections.
+
+With the float64 oracle (the same N-layer reference in float64), the oracle is fed the FP32 reference's
+inputs_embeds widened exactly, the very input the bundle's decoder gets, so its K/V measure the decoder's arithmetic
+alone; its vision features come from the same pixel values widened.
 """
 
 from __future__ import annotations
@@ -47,50 +51,75 @@ def _reference_embeds_and_kv(model, inputs, num_layers: int):
         embeds = llava.model.get_input_embeddings()(ids)
         mask = (ids == llava.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(mask, torch.from_numpy(feats).to(embeds.dtype))
-        out = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True)
+    return embeds.numpy(), feats, _kv(model, embeds, num_layers)
+
+
+def _kv(model, embeds, num_layers: int) -> dict:
+    import torch
+
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), use_cache=True)
     kv = {}
     for i in range(num_layers):
         kv[f"present.{i}.key"] = out.cache.layers[i].keys.numpy()
         kv[f"present.{i}.value"] = out.cache.layers[i].values.numpy()
-    return embeds.numpy(), feats, kv
+    return kv
 
 
-def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int) -> dict:
+def _kv_metrics(ref, test) -> dict:
+    stats = metrics.error_stats(ref, test)
+    scale = float(np.abs(ref).max())
+    return {"cosine": metrics.cosine(ref, test), "scale": scale, "max_rel_to_scale": stats["max_abs"] / max(scale, 1e-12),
+            **stats}
+
+
+def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int, oracle=None) -> dict:
+    import torch
+
+    from .verify import _feature_metrics, _reference_features, oracle_inputs
+
     text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
     inputs = processor(images=case.image, text=text, return_tensors="pt")
     embeds, ref_feats, ref_kv = _reference_embeds_and_kv(model, inputs, num_layers)
     features = bundle.image_features(bundle.pixel_values(case.image))
-    vision = {"cosine": metrics.cosine(ref_feats, features), "norm_ratio": metrics.norm_ratio(ref_feats, features),
-              "scale": float(np.abs(ref_feats).max()), **metrics.error_stats(ref_feats, features)}
-    vision["max_rel_to_scale"] = vision["max_abs"] / max(vision["scale"], 1e-12)
+    vision = _feature_metrics(ref_feats, features)
     n = embeds.shape[1]
     feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
     wanted = {i.name for i in sub_session.get_inputs()}
     feed.update({k: v for k, v in bundle.empty_past().items() if k in wanted})
     names = list(ref_kv)
     got = dict(zip(names, sub_session.run(names, feed)))
-    decoder = {}
-    for name in names:
-        ref, test = ref_kv[name], got[name]
-        stats = metrics.error_stats(ref, test)
-        scale = float(np.abs(ref).max())
-        decoder[name] = {"cosine": metrics.cosine(ref, test), "scale": scale,
-                         "max_rel_to_scale": stats["max_abs"] / max(scale, 1e-12), **stats}
+    decoder = {name: _kv_metrics(ref_kv[name], got[name]) for name in names}
+    if oracle is not None:
+        oracle_feats = _reference_features(oracle, oracle_inputs(inputs)["pixel_values"])
+        vision["vs_oracle"] = _feature_metrics(oracle_feats, features)
+        vision["reference_vs_oracle"] = _feature_metrics(oracle_feats, ref_feats)
+        oracle_kv = _kv(oracle, torch.from_numpy(embeds).to(torch.float64), num_layers)
+        for name in names:
+            decoder[name]["vs_oracle"] = _kv_metrics(oracle_kv[name], got[name])
+            decoder[name]["reference_vs_oracle"] = _kv_metrics(oracle_kv[name], ref_kv[name])
     return {"name": case.name, "prompt": text, "vision": {"image_features": vision}, "decoder": decoder}
 
 
-def verify_first_layers(bundle_dir: Path, manifest: dict, base: Path, adapters: list, num_layers: int, cases, log) -> dict:
+def verify_first_layers(bundle_dir: Path, manifest: dict, base: Path, adapters: list, num_layers: int, cases, log,
+                        oracle: bool = False) -> list:
+    """oracle=True also builds the N-layer reference in float64 and measures against it."""
+    import torch
     from transformers import AutoProcessor
 
     from ..backends.torch_reference import build_reference
+    from ..progress import track
     from ..runtime import Bundle
 
     bundle = Bundle(bundle_dir, manifest=manifest)
     model = build_reference(base, adapters, num_text_layers=num_layers)
+    oracle_model = build_reference(base, adapters, num_text_layers=num_layers, dtype=torch.float64) if oracle else None
     processor = AutoProcessor.from_pretrained(str(base))
     session = first_layers_session(Path(bundle_dir) / manifest["parts"]["decoder"]["file"], num_layers)
     results = []
-    for case in cases:
-        log(f"few-layer parity case {case.name}")
-        results.append(run_layers_case(case, bundle, model, processor, session, num_layers))
+    with track(log, "verify", total=len(cases)) as advance:
+        for case in cases:
+            log(f"few-layer parity case {case.name}")
+            results.append(run_layers_case(case, bundle, model, processor, session, num_layers, oracle=oracle_model))
+            advance(1, case.name)
     return results

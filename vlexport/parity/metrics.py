@@ -93,3 +93,30 @@ def greedy_match(ref_tokens: list[int], test_tokens: list[int]) -> dict:
     if first is None and len(ref_tokens) != len(test_tokens):
         first = min(len(ref_tokens), len(test_tokens))
     return {"exact": first is None, "first_divergence": first, "ref_tokens": len(ref_tokens), "test_tokens": len(test_tokens)}
+
+
+def greedy_match_with_oracle(ref_tokens: list[int], test_tokens: list[int], oracle_choice: list[int]) -> dict:
+    """Greedy tokens judged with the float64 oracle, which tells a real divergence from a near-tie.
+
+    oracle_choice[i] is the oracle's argmax after the prompt + ref_tokens[:i] (teacher-forced over the FP32
+    reference's own continuation, so both see the same context). A near-tie is a position where the FP32 reference's
+    token and the oracle's choice differ: the top two logits are so close that FP32 rounding decides. The rule:
+    - the bundle must equal the FP32 reference token for token;
+    - at its first divergence d, it is a near-tie only if d is a near-tie position and the bundle picked the oracle's
+      token there (a third token is a failure); the streams then have different contexts, so nothing after d is
+      compared (the teacher-forced logits checks still cover every position);
+    - a divergence anywhere else, or a length mismatch, fails.
+    Before the first near-tie this is exactly "the bundle equals the oracle's own greedy tokens"."""
+    n = min(len(ref_tokens), len(oracle_choice))
+    near_ties = [{"position": i, "reference": ref_tokens[i], "oracle": oracle_choice[i]}
+                 for i in range(n) if ref_tokens[i] != oracle_choice[i]]
+    d = greedy_match(ref_tokens, test_tokens)["first_divergence"]
+    accepted = (d is not None and d in {t["position"] for t in near_ties} and d < len(test_tokens)
+                and test_tokens[d] == oracle_choice[d])
+    return {
+        "passed": d is None or accepted,
+        "near_ties": near_ties,
+        "accepted_near_tie": d if accepted else None,
+        "first_divergence": d,
+        "checked_tokens": len(ref_tokens) if d is None else d + 1,
+    }
