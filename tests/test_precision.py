@@ -268,6 +268,42 @@ def test_qdq_form_with_calibration_cache_and_tensorrt_rules(tiny_base, tmp_path,
     assert r.exit_code == 0, r.output
     r = build("--base", tiny_base, "-o", out, "--target", "cpu-int8", "--int8", "form=qdq,calibration=minmax", "--force")
     assert r.exit_code == 0 and "reusing minmax calibration ranges" in r.output, r.output
+    # A cache truncated by a killed build is measured again (and said so), not a crash.
+    files = sorted((cache / "calibration").glob("*-minmax.json"))
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    r = build("--base", tiny_base, "-o", out, "--target", "cpu-int8", "--int8", "form=qdq,calibration=minmax", "--force")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "is unreadable (JSONDecodeError" in text and "computing minmax calibration ranges" in text, text
+    for f in files:
+        json.loads(f.read_text())  # rewritten whole
+    assert not list((cache / "calibration").glob(".*.tmp"))
+
+
+def test_calibration_cache_is_checked_and_written_atomically(tmp_path):
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    from vlexport.precision import CalibrationCache
+
+    logged = []
+    path = tmp_path / "vision-x-percentile.json"
+    assert not CalibrationCache(path, "percentile", logged.append).valid and not logged  # none yet: nothing to say
+    ranges = TensorsData(CalibrationMethod.Percentile, {"x": TensorData(lowest=np.float32(-1), highest=np.float32(2))})
+    c = CalibrationCache(path, "percentile", logged.append)
+    assert c.use() != path and c.use().parent == path.parent  # the quantizer writes beside it
+    save_tensors_data(ranges, c.use())
+    assert not path.exists()  # not visible until committed
+    c.commit()
+    assert path.exists() and not c.tmp.exists() and c.valid and c.use() == path
+    assert CalibrationCache(path, "percentile", logged.append).valid and not logged
+    # Another method's ranges under this name, and a truncated file: both deleted and measured again.
+    assert not CalibrationCache(path, "entropy", logged.append).valid and not path.exists()
+    assert "not entropy" in logged[-1]
+    save_tensors_data(ranges, path)
+    path.write_text(path.read_text()[:-7])
+    assert not CalibrationCache(path, "percentile", logged.append).valid and not path.exists()
+    assert "unreadable" in logged[-1] and str(path) in logged[-1]
 
 
 def test_weight_only_decoder(tiny_base, tmp_path, cache):

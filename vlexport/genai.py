@@ -43,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import bundle_file
 from .errors import VlexportError
+from .files import atomic_write_text
 
 GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -83,7 +85,7 @@ def _token_id(bundle_dir: Path, manifest: dict, token: str | None) -> int | None
         return None
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(bundle_dir) / manifest["tokenizer"]["file"]))
+    tok = Tokenizer.from_file(str(bundle_file(bundle_dir, manifest["tokenizer"]["file"], "tokenizer.file")))
     return tok.token_to_id(token)
 
 
@@ -241,7 +243,7 @@ def write_genai_files(bundle_dir: Path, manifest: dict) -> list[str]:
     if not (bundle_dir / TOKENIZER_CONFIG).exists():
         files[TOKENIZER_CONFIG] = _tokenizer_config(manifest)
     for name, content in files.items():
-        (bundle_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+        atomic_write_text(bundle_dir / name, json.dumps(content, indent=2) + "\n")
     return list(files)
 
 
@@ -285,9 +287,9 @@ def write_task_files(bundle_dir: Path, manifest: dict) -> dict:
             continue
         files = dict(task.get("parts") or {})
         if task.get("bottleneck_parts"):
-            pack = load_file(str(bundle_dir / task["pack"]))
+            pack = load_file(str(bundle_file(bundle_dir, task["pack"], f"tasks.{name}.pack")))
             for part in task["bottleneck_parts"]:
-                src = bundle_dir / files.get(part, manifest["parts"][part]["file"])
+                src = bundle_file(bundle_dir, files.get(part, manifest["parts"][part]["file"]), f"tasks.{name}.parts.{part}")
                 dst = src.with_name(f"{src.name[:-len('.onnx')]}.task-{name}.onnx")
                 _bake_pack(src, dst, {k: v for k, v in pack.items() if k.startswith(f"{part}_adapter.")})
                 files[part] = dst.relative_to(bundle_dir).as_posix()
@@ -297,15 +299,17 @@ def write_task_files(bundle_dir: Path, manifest: dict) -> dict:
 
 
 def open_model(bundle_dir: str | Path, task: str | None = None):
-    """og.Model for the bundle, or for one of its bank tasks (the overlay the build recorded)."""
+    """og.Model for the bundle, or for one of its bank tasks (the overlay the build recorded). The bundle is checked
+    first (its seal and every file's sha256), with or without a task: ORT-GenAI itself checks nothing."""
     import onnxruntime_genai as og
 
     from .bundle import read_manifest
 
     bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
     if task is None:
         return og.Model(str(bundle_dir))
-    entry = (read_manifest(bundle_dir).get("onnxruntime_genai") or {}).get("tasks", {}).get(task)
+    entry = (manifest.get("onnxruntime_genai") or {}).get("tasks", {}).get(task)
     if entry is None:
         raise VlexportError(f"bundle '{bundle_dir}' has no onnxruntime-genai entry for task '{task}'")
     if "unsupported" in entry:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import VlexportError
-from ..files import sha256_file
+from ..files import atomic_write_bytes, atomic_write_text, read_json, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -63,6 +64,34 @@ def _require_tensorrt() -> None:
         raise TensorRTUnavailable(reason)
 
 
+def compute_capability(value: object, where: str = "compute capability") -> str:
+    """The one representation of a CUDA compute capability: "MAJOR.MINOR" (as target profiles write it).
+
+    Accepts "8.7", "sm_87", 8.7, and [8, 7] / (8, 7) (torch.cuda.get_device_capability(), and engine metadata
+    written by vlexport before 0.x recorded a list)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v >= 0 for v in value):
+        return f"{value[0]}.{value[1]}"
+    if isinstance(value, float):
+        value = repr(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"(\d+)\.(\d+)", value.strip()) or re.fullmatch(r"sm_(\d+)(\d)", value.strip())
+        if m:
+            return f"{int(m.group(1))}.{int(m.group(2))}"
+    raise VlexportError(f"{where}: {value!r} is not a compute capability; write it as \"MAJOR.MINOR\", e.g. \"8.7\"")
+
+
+def sm(capability: str) -> str:
+    """ "8.7" -> "sm_87" """
+    return "sm_" + compute_capability(capability).replace(".", "")
+
+
+def device_capability() -> str:
+    """This machine's CUDA device, in compute_capability()'s form."""
+    import torch
+
+    return compute_capability(tuple(torch.cuda.get_device_capability()), "this GPU")
+
+
 def _current_device() -> dict[str, Any]:
     import tensorrt as trt
     import torch
@@ -70,8 +99,15 @@ def _current_device() -> dict[str, Any]:
     return {
         "tensorrt_version": trt.__version__,
         "device_name": torch.cuda.get_device_name(),
-        "compute_capability": list(torch.cuda.get_device_capability()),
+        "compute_capability": device_capability(),
     }
+
+
+def source_digests(onnx_path: Path) -> dict[str, str | None]:
+    """sha256 of an ONNX part and of its external data (NAME.onnx.data, None when it has none): the data holds the
+    weights, so a rebuilt bundle can have an identical .onnx and other weights."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return {"onnx_sha256": sha256_file(onnx_path), "onnx_data_sha256": sha256_file(data) if data.is_file() else None}
 
 
 def _check_profiles(profiles: list[dict], onnx_path: Path) -> None:
@@ -99,10 +135,12 @@ def build_engine(
     timing_cache_path: Path | None = None,
     dla_core: int | None = None,
     strongly_typed: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Build `engine_path` from one ONNX part; write `<engine>.json` beside it and return that metadata.
 
     profiles: one {input name: (min, opt, max)} per optimization profile (vlexport/trt/profiles.py).
+    Every file is written atomically; an unreadable timing cache is replaced by a new one (and logged).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     # Check our own arguments before TensorRT, so mistakes are reported the same way on every machine.
@@ -163,7 +201,12 @@ def build_engine(
     if timing_cache_path is not None:
         timing_cache_path = Path(timing_cache_path)
         cached = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        cache = config.create_timing_cache(cached)  # empty bytes -> a new, empty cache
+        try:
+            cache = config.create_timing_cache(cached)  # empty bytes -> a new, empty cache
+        except Exception as e:  # a truncated or corrupt file (a killed build before caches were atomic)
+            if log is not None:
+                log(f"timing cache '{timing_cache_path}' is unreadable ({type(e).__name__}); starting a new one")
+            cache = config.create_timing_cache(b"")
         # ignore_mismatch=False: a cache from another GPU or TensorRT version would give wrong tactic timings.
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             raise VlexportError(f"timing cache '{timing_cache_path}' was made on another GPU or TensorRT version; "
@@ -180,15 +223,9 @@ def build_engine(
     if serialized is None:  # the stubs say IHostMemory, but the binding returns None on failure
         raise VlexportError(f"TensorRT failed to build an engine from '{onnx_path.name}'; see the TensorRT log above")
 
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(engine_path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(serialized)
-    tmp.replace(engine_path)  # no half-written engine if the write fails
+    atomic_write_bytes(engine_path, bytes(memoryview(serialized)))  # no half-written engine if the write fails
     if timing_cache_path is not None:
-        timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(timing_cache_path, "wb") as f:
-            f.write(config.get_timing_cache().serialize())
+        atomic_write_bytes(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
     meta = {
         **_current_device(),
@@ -197,10 +234,29 @@ def build_engine(
         "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
         "dla_core": dla_core,
         "optimization_level": optimization_level,
-        # The .onnx file only: for the decoder this is the graph, its weights sit in the external-data file.
-        "onnx_sha256": sha256_file(onnx_path),
+        "onnx": onnx_path.name,
+        # The graph and its external data (the weights): the loader refuses the engine if either changed.
+        **source_digests(onnx_path),
+        "built_by": "vlexport (TensorRT Python API)",
     }
-    _meta_path(engine_path).write_text(json.dumps(meta, indent=2) + "\n")
+    write_engine_metadata(engine_path, meta)
+    return meta
+
+
+def write_engine_metadata(engine_path: Path, meta: dict) -> None:
+    atomic_write_text(_meta_path(Path(engine_path)), json.dumps(meta, indent=2) + "\n")
+
+
+def read_engine_metadata(engine_path: Path) -> dict:
+    engine_path = Path(engine_path)
+    meta_path = _meta_path(engine_path)
+    if not meta_path.is_file():
+        raise VlexportError(f"'{meta_path}' is missing: it records which TensorRT, GPU and ONNX built "
+                            f"'{engine_path.name}'; rebuild the engine with `vlexport engines`, or run engines/build.sh "
+                            "and then `vlexport engines --adopt`")
+    meta = read_json(meta_path, fix="rebuild the engine with `vlexport engines` (or engines/build.sh + --adopt)")
+    if not isinstance(meta, dict):
+        raise VlexportError(f"'{meta_path}' is not a JSON object; rebuild the engine with `vlexport engines`")
     return meta
 
 
@@ -213,11 +269,29 @@ def _engine_mismatches(meta: dict, current: dict) -> list[str]:
     if meta.get("tensorrt_version") != current["tensorrt_version"]:
         problems.append(f"it was built with TensorRT {meta.get('tensorrt_version')}, this is TensorRT "
                         f"{current['tensorrt_version']}")
-    built_cc, this_cc = list(meta.get("compute_capability") or []), list(current["compute_capability"])
+    built = meta.get("compute_capability")
+    built_cc = compute_capability(built, "the engine's compute_capability") if built is not None else None
+    this_cc = compute_capability(current["compute_capability"], "this GPU")
     if meta.get("device_name") != current["device_name"] or built_cc != this_cc:
-        problems.append(f"it was built on {meta.get('device_name')} (sm_{''.join(map(str, built_cc))}), this is "
-                        f"{current['device_name']} (sm_{''.join(map(str, this_cc))})")
+        built_sm = sm(built_cc) if built_cc else "unknown"
+        problems.append(f"it was built on {meta.get('device_name')} ({built_sm}), this is "
+                        f"{current['device_name']} ({sm(this_cc)})")
     return problems
+
+
+def check_engine_source(meta: dict, expected: dict[str, str | None], engine: str) -> None:
+    """Refuse an engine whose source ONNX (graph or weights) is not the bundle's: it would run other weights."""
+    onnx_name = meta.get("onnx") or "its ONNX part"
+    fix = ("rebuild it from this bundle's ONNX: `vlexport engines BUNDLE` on the device, or `bash engines/build.sh` "
+           "then `vlexport engines BUNDLE --adopt`")
+    if not meta.get("onnx_sha256"):
+        raise VlexportError(f"engine '{engine}' records no sha256 of the ONNX it was built from, so it cannot be "
+                            f"matched to this bundle; {fix}")
+    for key, what in (("onnx_sha256", "graph"), ("onnx_data_sha256", "weights (external data)")):
+        if meta.get(key) != expected.get(key):
+            raise VlexportError(f"engine '{engine}' was built from another {onnx_name} than this bundle's: its {what} "
+                                f"sha256 {str(meta.get(key))[:12]}… is not the bundle's {str(expected.get(key))[:12]}…; "
+                                f"{fix}")
 
 
 def check_engine_metadata(meta: dict) -> None:
@@ -250,19 +324,19 @@ def _dims(d: trt.Dims) -> tuple[int, ...]:
 class TensorRTRunner:
     """One engine; infer(feed) -> dict of numpy arrays, like OrtRunner, so the runtime's KV-cache loop is unchanged."""
 
-    def __init__(self, engine_path: Path):
+    def __init__(self, engine_path: Path, source: dict[str, str | None] | None = None):
+        """source: the bundle's digests of the engine's ONNX part (source_digests()); given, an engine built from
+        another ONNX is refused before TensorRT sees it."""
         _require_tensorrt()
         import tensorrt as trt
         import torch
 
         engine_path = Path(engine_path)
-        meta_path = _meta_path(engine_path)
         if not engine_path.is_file():
             raise VlexportError(f"TensorRT engine '{engine_path}' not found; build it on this device first")
-        if not meta_path.is_file():
-            raise VlexportError(f"'{meta_path}' is missing: it records which TensorRT and GPU built '{engine_path.name}'; "
-                                "rebuild the engine with vlexport, which writes it")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_engine_metadata(engine_path)
+        if source is not None:
+            check_engine_source(self.meta, source, engine_path.name)
         check_engine_metadata(self.meta)
 
         self.logger = trt.Logger(trt.Logger.WARNING)

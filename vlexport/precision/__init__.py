@@ -8,7 +8,9 @@ The final word is `vlexport verify` against the PyTorch reference, which build r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Callable
 
 from ..errors import VlexportError
 from ..files import remove_part
+from ..progress import track
 from .int8 import CALIBRATIONS
 
 DECODER_KINDS = ("w8a8", "weight-only")
@@ -119,6 +122,53 @@ def _gate_cases(part: str, candidate: Path, bundle, data) -> list[dict]:
         bundle.runners[part] = original
 
 
+class CalibrationCache:
+    """One calibration cache file: checked before use, written atomically.
+
+    A cache that does not load (truncated by a killed build, corrupt, from another calibration method) is deleted
+    and logged, and the ranges are computed again. A new cache is written by ONNX Runtime to a temporary file
+    beside it, which commit() fsyncs and renames into place, so a reader never sees half a cache."""
+
+    def __init__(self, path: Path, method: str, log: Callable[[str], None]):
+        self.path, self.method, self.log = Path(path), method, log
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.valid = self._check()
+
+    def _check(self) -> bool:
+        if not self.path.exists():
+            return False
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        try:
+            data = load_tensors_data(self.path)
+            method = getattr(data.calibration_method, "name", str(data.calibration_method)).lower()
+            if method != self.method:
+                raise ValueError(f"made with calibration method {method}, not {self.method}")
+            if not data.data:
+                raise ValueError("it holds no ranges")
+        except Exception as e:  # whatever a damaged file makes the loader raise
+            self.log(f"calibration cache '{self.path}' is unreadable ({type(e).__name__}: {e}); computing the ranges "
+                     "again")
+            self.path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def use(self) -> Path:
+        """The path to give the quantizer: the cache itself when valid (read only), else the temporary file."""
+        return self.path if self.valid else self.tmp
+
+    def commit(self) -> None:
+        if self.valid or not self.tmp.exists():
+            return
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        self.valid = True
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, thresholds: dict, bundle, data,
                 cache: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
     import onnx
@@ -129,10 +179,10 @@ def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, t
 
     matmuls = weight_matmuls(onnx.load(str(src), load_external_data=False))
     feeds = _feeds(name, data)
-    reader = None
+    reader, ranges = None, CalibrationCache(cache, opts.calibration, log)
     if form == "qdq":
         reader = _calibration_reader(name, data)
-        log(f"{name}: {'reusing' if cache.exists() else 'computing'} {opts.calibration} calibration ranges ({cache})")
+        log(f"{name}: {'reusing' if ranges.valid else 'computing'} {opts.calibration} calibration ranges ({cache})")
     t = time.perf_counter()
     errors = rank(src, matmuls, feeds, form)
     ranked = sorted(errors, key=errors.get, reverse=True)
@@ -143,17 +193,28 @@ def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, t
     last: dict = {}
 
     def try_keeping(kept: list[str]) -> bool:
-        quantize(src, dst, form, [m.node for m in matmuls if m.node not in set(kept)], reader, opts.calibration, cache)
+        quantize(src, dst, form, [m.node for m in matmuls if m.node not in set(kept)], reader, opts.calibration,
+                 ranges.use())
+        ranges.commit()
         if reader is not None:
             reader.rewind()
+            reader.on_sample = None  # the ranges are measured once; later tries read the cache
         checks, passed = evaluate(_gate_cases(name, dst, bundle, data), gate_keys)
         last.update(checks=checks, passed=passed)
         log(f"{name}: INT8 ({form}) with {len(kept)} of {len(matmuls)} products kept in FP32: calibration-set gate "
             f"{'holds' if passed else 'fails'} (" + ", ".join(f"{c['metric']} {c['value']:.4g} {c['op']} {c['limit']:.4g}"
                                                            for c in checks) + ")")
+        tried(1, f"{len(kept)} of {len(matmuls)} kept in FP32: {'holds' if passed else 'fails'}")
         return passed
 
-    kept, tries = fallback_search(ranked, try_keeping, opts.fallback)
+    with contextlib.ExitStack() as stack:
+        if reader is not None and not ranges.valid:
+            reader.on_sample = stack.enter_context(track(log, f"calibrate {name}", total=len(reader)))
+        tried = stack.enter_context(track(log, f"{name}: INT8 sensitivity search (tries)"))
+        try:
+            kept, tries = fallback_search(ranked, try_keeping, opts.fallback)
+        finally:
+            ranges.discard()
     record = {
         "form": form,
         "kind": opts.kind(name),
@@ -220,7 +281,7 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
     data, bundle, fingerprint = None, None, calib_fingerprint(calib)
     if "int8" in wanted.values():
         bundle = Bundle(tmp, manifest=manifest)
-        data = run_fp32(bundle, calib_cases(calib))
+        data = run_fp32(bundle, calib_cases(calib), log)
         log(f"calibration set: {len(data)} cases from {calib or 'calib/ (photos that ship with scikit-image)'}")
     task_parts = {(task, part): rel for task, entry in (manifest.get("tasks") or {}).items()
                   for part, rel in (entry.get("parts") or {}).items()}
@@ -252,8 +313,14 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
                 lowered[key] = task_src.with_name(dst.name)
                 nodes = [m.node for m in weight_matmuls(onnx.load(str(task_src), load_external_data=False))
                          if m.node not in kept]
-                quantize(task_src, lowered[key], form, nodes, _calibration_reader(name, data) if form == "qdq" else None,
-                         opts.calibration, _calibration_cache(name, task_src, fingerprint, opts.calibration))
+                ranges = CalibrationCache(_calibration_cache(name, task_src, fingerprint, opts.calibration),
+                                          opts.calibration, log)
+                try:
+                    quantize(task_src, lowered[key], form, nodes,
+                             _calibration_reader(name, data) if form == "qdq" else None, opts.calibration, ranges.use())
+                    ranges.commit()
+                finally:
+                    ranges.discard()
                 log(f"task {key[0]}: its {name} part lowered the same way ({len(nodes)} products INT8)")
         if precision == "int8":
             # Kept until verify has judged the INT8 part: if it fails the gate, the part ships in FP32 instead.

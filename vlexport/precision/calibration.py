@@ -70,24 +70,33 @@ class CalibCase:
     prefill: dict  # the FP32 decoder's prefill feed
 
 
-def run_fp32(bundle, cases) -> list[CalibCase]:
+def run_fp32(bundle, cases, log=None) -> list[CalibCase]:
     """The FP32 bundle on the calibration set: every part's inputs and the outputs that lower precisions must match."""
     from ..parity.verify import _bundle_logits
+    from ..progress import track
 
+    cases = list(cases)
     out = []
-    for case in cases:
-        text = prompt_text(case, bundle.chat_prompt)
-        ids = bundle.encode(text)
-        pv = bundle.pixel_values(case.image)
-        features = bundle.image_features(pv)
-        tokens = bundle.generate(case.image, raw_prompt=text, max_new_tokens=CONTINUATION_TOKENS).token_ids
-        logits = _bundle_logits(bundle, ids, features, tokens)
-        arr = np.array([ids], dtype=np.int64)
-        past, _, _ = bundle.initial_state(None)
-        prefill = {"inputs_embeds": bundle.embed(arr, features), "attention_mask": np.ones_like(arr),
-                   "position_ids": np.arange(arr.shape[1], dtype=np.int64)[None], **past}
-        out.append(CalibCase(case.name, pv, features, ids, tokens, logits, prefill))
+    with track(log or (lambda m: None), "calibration set: FP32 bundle", total=len(cases)) as advance:
+        for case in cases:
+            out.append(_run_case(bundle, case, _bundle_logits))
+            advance(1, case.name)
     return out
+
+
+def _run_case(bundle, case, bundle_logits) -> CalibCase:
+    """One calibration case through the FP32 bundle."""
+    text = prompt_text(case, bundle.chat_prompt)
+    ids = bundle.encode(text)
+    pv = bundle.pixel_values(case.image)
+    features = bundle.image_features(pv)
+    tokens = bundle.generate(case.image, raw_prompt=text, max_new_tokens=CONTINUATION_TOKENS).token_ids
+    logits = bundle_logits(bundle, ids, features, tokens)
+    arr = np.array([ids], dtype=np.int64)
+    past, _, _ = bundle.initial_state(None)
+    prefill = {"inputs_embeds": bundle.embed(arr, features), "attention_mask": np.ones_like(arr),
+               "position_ids": np.arange(arr.shape[1], dtype=np.int64)[None], **past}
+    return CalibCase(case.name, pv, features, ids, tokens, logits, prefill)
 
 
 class FeedReader(CalibrationDataReader):
@@ -95,10 +104,14 @@ class FeedReader(CalibrationDataReader):
 
     def __init__(self, feeds: list[dict]):
         self.feeds = feeds
+        self.on_sample = None  # progress: called once per feed handed to the calibrator
         self.rewind()
 
     def get_next(self):
-        return next(self._it, None)
+        feed = next(self._it, None)
+        if feed is not None and self.on_sample is not None:
+            self.on_sample(1)
+        return feed
 
     def rewind(self):
         self._it = iter(self.feeds)
