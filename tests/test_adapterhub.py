@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlexport.adapters import load_adapter
-from vlexport.backends.torch_reference import attach_bottleneck_to_layers
+from vlexport.backends.torch_reference import attach_bottleneck_adapter, attach_bottleneck_to_layers
 from vlexport.errors import VlexportError
 
 DATA = Path(__file__).parent / "data" / "adapterhub"
@@ -47,15 +47,21 @@ def _run(model, name, inputs):
         return model(pixel_values=inputs["pixel_values"], output_hidden_states=True).last_hidden_state
 
 
+@pytest.mark.parametrize("hooks", ["reference", "slots"])
 @pytest.mark.parametrize("tower", ["llama", "clip"])
 @pytest.mark.parametrize("case", SUPPORTED)
-def test_reference_reproduces_the_library(tower, case):
+def test_reference_reproduces_the_library(tower, case, hooks):
+    """hooks=reference: the reference's own hooks, from the adapter's per-layer weights; hooks=slots: the slot
+    arrays the exported graph is fed (vlexport/slots.py), so both packings are checked against the library."""
     model, layers, inputs = _tower(tower)
     base = _run(model, tower, inputs)
     adapter = load_adapter(DATA / tower / case)
     assert adapter.kind == "bottleneck" and adapter.part == ("decoder" if tower == "llama" else "vision")
     cfg = model.config
-    attach_bottleneck_to_layers(layers, adapter.part, adapter.slot_feed(cfg.num_hidden_layers, cfg.hidden_size))
+    if hooks == "reference":
+        assert attach_bottleneck_adapter(layers, adapter)
+    else:
+        attach_bottleneck_to_layers(layers, adapter.part, adapter.slot_feed(cfg.num_hidden_layers, cfg.hidden_size))
     got = _run(model, tower, inputs)
     expected = load_file(str(DATA / tower / case / "outputs.safetensors"))["logits" if tower == "llama" else "last_hidden_state"]
     assert (got - expected).abs().max() < 1e-4, (got - expected).abs().max()

@@ -18,11 +18,18 @@ def build(base, adapters, out, *extra):
     return CliRunner().invoke(app, args)
 
 
+def assert_clean_exit(result):
+    """No exception escaped the command: CliRunner catches them (so "Traceback" never shows in its output); a
+    clean exit leaves result.exception None or a SystemExit (typer.Exit)."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"unexpected {type(result.exception).__name__}: {result.exception}\n{result.output}")
+
+
 def assert_refused(result, out, *needles):
     assert result.exit_code == 2, result.output
     for n in needles:
         assert n in result.output, (n, result.output)
-    assert "Traceback" not in result.output
+    assert_clean_exit(result)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "partial output left behind"
 
@@ -106,6 +113,7 @@ def test_existing_output_without_force(tmp_path, tiny_base):
     (out / "keep.txt").write_text("mine")
     r = build(tiny_base, [], out)
     assert r.exit_code == 2 and "--force" in r.output
+    assert_clean_exit(r)
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -114,6 +122,7 @@ def test_unreadable_image(tmp_path, full_bundle):
     bad.write_text("not an image")
     r = CliRunner().invoke(app, ["run", str(full_bundle), "--image", str(bad), "--prompt", "hi"])
     assert r.exit_code == 2 and "photo.jpg" in r.output and "not a readable image" in r.output
+    assert_clean_exit(r)
 
 
 def test_pickle_with_code_is_refused(tmp_path, tiny_base):
@@ -132,14 +141,16 @@ def test_unsupported_peft_type_refused_by_name(tmp_path, tiny_base):
 
 
 def test_parity_failure_writes_nothing(tmp_path, tiny_base, full_lora):
-    """A build whose parity gate fails exits 1 and leaves no bundle."""
+    """A build whose parity gate fails exits 1 and leaves no bundle. --oracle off: the fixed limit alone decides
+    (with the float64 oracle, a limit of 0 still passes a bundle within oracle_k of PyTorch FP32's own error)."""
     strict = tmp_path / "strict.toml"
     from vlexport.target import TARGETS_DIR
 
     text = (TARGETS_DIR / "cpu.toml").read_text().replace("logit_rel_tol = 1e-4", "logit_rel_tol = 0.0")
     strict.write_text(text)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(full_lora), "--target", str(strict), "-o", str(out)])
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(full_lora), "--target", str(strict), "-o", str(out), "--oracle", "off"])
     assert r.exit_code == 1, r.output
+    assert_clean_exit(r)
     assert "decoder/logits" in r.output
     assert not out.exists()

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from vlexport.cli import app
-from vlexport.files import sha256_file
+from vlexport.bundle import reseal
 
 PROMPTS = ["USER: <image>\nWhat is shown here? ASSISTANT:", "USER: <image>\nCount the objects. ASSISTANT:"]
 
@@ -127,9 +127,7 @@ def test_altered_pack_fails_verify(bank, tmp_path):
     tensors = load_file(str(pack))
     tensors["past_key_values.0.key"] = tensors["past_key_values.0.key"] * np.float32(1.01)
     save_file(tensors, str(pack))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"]["packs/vqa.safetensors"] = sha256_file(pack)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    reseal(copy)  # the change is deliberate: the bundle's seal is renewed, so only parity can catch it
     r = CliRunner().invoke(app, ["verify", str(copy), "--json", "--max-new-tokens", "8"])
     assert r.exit_code == 1
     report = json.loads(r.stdout)

@@ -37,9 +37,51 @@ class LlavaFacts:
 def check_base_dir(base: Path) -> dict:
     """Return config.json of a LLaVA directory with weights, or raise a clear error naming what is wrong."""
     config = check_config_dir(base)
-    if not list(Path(base).glob("*.safetensors")):
+    weights = sorted(Path(base).glob("*.safetensors"))
+    if not weights:
         raise VlexportError(f"--base '{base}' has no *.safetensors weights; convert .bin checkpoints with safetensors first")
+    index = Path(base) / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):
+            raise VlexportError(f"--base '{index}' has no weight_map; download or save the model again") from None
+        missing = [f for f in shards if not (Path(base) / f).is_file()]
+        if missing:
+            raise VlexportError(f"--base '{base}': weight file(s) {', '.join(missing)} listed in {index.name} are "
+                                "missing; download the model again (all shards)")
+    for f in weights:
+        check_safetensors_file(f)
     return config
+
+
+# A safetensors header larger than this is not a weights file (real ones are a few MB even for 70B models).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or corrupt weights file from its header alone (no tensor is read): the header must parse
+    and the file must hold every byte the header's tensors point at."""
+    import json
+
+    path = Path(path)
+    fix = "it is truncated or corrupt (an interrupted download or copy?): download or save the model again"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise VlexportError(f"--base weights file '{path}' ({size:,} bytes) has no valid safetensors header; {fix}")
+            header = json.loads(fh.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except OSError as e:
+        raise VlexportError(f"--base weights file '{path}' cannot be read ({e.strerror or e}); check its permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
+        raise VlexportError(f"--base weights file '{path}' has a corrupt safetensors header; {fix}") from None
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise VlexportError(f"--base weights file '{path}' is {size:,} bytes but its header needs {need:,}; {fix}")
 
 
 def check_config_dir(base: Path) -> dict:
@@ -103,6 +145,7 @@ def load_llava(base: Path, num_text_layers: int | None = None, dtype: str = "flo
     num_text_layers loads only the first decoder layers (few-layer parity on machines too small for the model).
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     check_base_dir(base)
@@ -113,8 +156,10 @@ def load_llava(base: Path, num_text_layers: int | None = None, dtype: str = "flo
         model = LlavaForConditionalGeneration.from_pretrained(
             str(base), config=config, dtype=getattr(torch, dtype), attn_implementation=attention
         )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise VlexportError(f"--base '{base}' could not be loaded as LLaVA: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VlexportError(f"--base '{base}' could not be loaded as LLaVA ({first}); if a weights file is damaged, "
+                            "download or save the model again") from None
     return model.eval()
 
 

@@ -56,17 +56,53 @@ class ImageSpec:
         )
 
 
+# The most pixels an image may have. It bounds what decoding can allocate (a 100 MP RGBA image is 400 MB) and refuses
+# decompression bombs (a small PNG that decodes to 20000 x 20000) before a byte of pixel data is decoded. CLIP sees
+# 224-336 px squares, so nothing near the limit is needed: downscale larger images first.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def _too_large(path, size, why: str = "") -> VlexportError:
+    what = f"is {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels" if size else f"has too many pixels ({why})"
+    return VlexportError(
+        f"--image '{path}' {what}, over vlexport's limit of {MAX_IMAGE_PIXELS:,} pixels "
+        "(vlexport.preprocess.MAX_IMAGE_PIXELS; a decompression bomb or an oversized scan): downscale it first, "
+        "e.g. to 4000 px on its longest side"
+    )
+
+
 def open_image(path: str | Path):
+    """A decoded PIL image, or a VlexportError naming the file: missing, unreadable or corrupt, or over
+    MAX_IMAGE_PIXELS (checked from the header, before decoding)."""
+    import struct
+    import warnings
+    import zlib
+
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise VlexportError(f"--image '{path}' is a directory; pass an image file (PNG or JPEG)")
     try:
-        img = Image.open(path)
-        img.load()
+        with warnings.catch_warnings():
+            # PIL's own bomb check warns from MAX_IMAGE_PIXELS and raises at twice that; ours is MAX_IMAGE_PIXELS.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, img.size)
+            img.load()
         return img
-    except (FileNotFoundError, IsADirectoryError):
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, None, str(e).rstrip(".")) from None
+    except FileNotFoundError:
         raise VlexportError(f"--image '{path}' does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise VlexportError(f"--image '{path}' is not a readable image ({e}); pass a PNG or JPEG file") from None
+    except PermissionError:
+        raise VlexportError(f"--image '{path}' cannot be read (permission denied)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        # PIL reports corrupt or truncated data with any of these
+        raise VlexportError(
+            f"--image '{path}' is not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt data'}); "
+            "pass a PNG or JPEG file (a truncated download? copy it again)"
+        ) from None
 
 
 def _to_rgb(img):
@@ -95,6 +131,12 @@ def preprocess_image(image, spec: ImageSpec) -> np.ndarray:
             new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
         else:
             new_h, new_w = spec.height, spec.width
+        if new_w * new_h > MAX_IMAGE_PIXELS:  # an extreme aspect ratio (1 x 100000) would resize to billions of pixels
+            raise VlexportError(
+                f"the image is {w} x {h} pixels: resizing its short side to {spec.shortest_edge} would make it "
+                f"{new_w} x {new_h}, over vlexport's limit of {MAX_IMAGE_PIXELS:,} pixels; crop it to a less "
+                "extreme aspect ratio first"
+            )
         image = image.resize((new_w, new_h), resample=spec.resample)
     arr = np.moveaxis(np.array(image), -1, 0)
     if spec.do_center_crop:

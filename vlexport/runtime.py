@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.onnxruntime import OrtRunner
-from .bundle import read_manifest
+from .bundle import bundle_file, read_manifest
 from .errors import VlexportError
 from .preprocess import ImageSpec, expand_image_tokens, open_image, preprocess_image
 from .slots import empty_feed
@@ -26,7 +27,7 @@ class Generation:
         return {"text": self.text, "token_ids": self.token_ids, "timings": self.timings}
 
 
-def _render_chat_template(template: str, messages: list, **kwargs) -> str:
+def render_chat_template(template: str, messages: list, **kwargs) -> str:
     """Render a HF chat template the way transformers does (sandboxed jinja, trim/lstrip blocks, {% generation %})."""
     import jinja2
     from jinja2.ext import Extension, loopcontrols
@@ -52,7 +53,7 @@ def _render_chat_template(template: str, messages: list, **kwargs) -> str:
 def render_chat_prompt(template: str, prompt: str, bos_token: str | None, eos_token: str | None) -> str:
     """One user turn, an image then the question, with the generation prompt: LLaVA's chat format."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return _render_chat_template(template, messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    return render_chat_template(template, messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
 
 
 class Bundle:
@@ -64,14 +65,19 @@ class Bundle:
         file's sha256 is checked. backend "tensorrt" runs the engines `vlexport engines` built on the device."""
         from tokenizers import Tokenizer
 
+        check_threads(threads)
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         m = self.manifest
         self.backend = backend
         self.runners = _runners(self.path, m, backend, threads)
-        self.tokenizer = Tokenizer.from_file(str(self.path / m["tokenizer"]["file"]))
+        self.tokenizer = Tokenizer.from_file(str(bundle_file(self.path, m["tokenizer"]["file"], "manifest tokenizer.file")))
+        # A tokenizer.json may carry truncation or padding settings: a long prompt must be counted, never cut.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         self.image_spec = ImageSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocessing"]["image"].items()})
-        self.chat_template = (self.path / m["chat_template"]["file"]).read_text() if m.get("chat_template") else None
+        self.chat_template = (bundle_file(self.path, m["chat_template"]["file"], "manifest chat_template.file").read_text()
+                              if m.get("chat_template") else None)
         model = m["model"]
         self.image_token = m["tokenizer"]["image_token"]
         self.image_token_id = model["image_token_id"]
@@ -82,11 +88,13 @@ class Bundle:
         # Task packs are small (a prefix is P x layers x 2 x kv x hd floats): load them all now, so that switching
         # tasks between requests is a dictionary lookup.
         self.tasks = m.get("tasks") or {}
-        self._packs = {name: _load_pack(self.path / t["pack"]) for name, t in self.tasks.items()}
+        self._packs = {name: _load_pack(bundle_file(self.path, t["pack"], f"manifest tasks.{name}.pack"))
+                       for name, t in self.tasks.items()}
         # Tasks with a LoRA/BitFit merged for them alone have their own copies of the parts it changes; all are
         # opened now so that switching stays a lookup.
         self._task_runners = {
-            name: {part: OrtRunner(self.path / f, threads) for part, f in t.get("parts", {}).items()}
+            name: {part: OrtRunner(bundle_file(self.path, f, f"manifest tasks.{name}.parts.{part}"), threads)
+                   for part, f in t.get("parts", {}).items()}
             for name, t in self.tasks.items() if t.get("parts")
         }
         if self._task_runners and backend != "onnxruntime":
@@ -94,6 +102,12 @@ class Bundle:
         # Bottleneck adapter slots, if the parts have them: every run feeds the task's weights, or "no adapter".
         self.slots = m.get("slots") or {}
         self._no_adapter = {part: empty_feed(part, spec["layers"], spec["dim"]) for part, spec in self.slots.items()}
+        self.max_position_embeddings = model.get("max_position_embeddings")
+        self.context = ((m.get("target") or {}).get("shapes") or {}).get("context")
+        self.max_prompt_tokens = None
+        if backend == "tensorrt":  # engine profiles end at the target's largest prompt
+            prompt_tokens = ((m.get("target") or {}).get("shapes") or {}).get("prompt_tokens")
+            self.max_prompt_tokens = prompt_tokens[-1] if isinstance(prompt_tokens, list) and prompt_tokens else None
 
     # -- text -------------------------------------------------------------------------------------------------
     def chat_prompt(self, prompt: str) -> str:
@@ -110,6 +124,30 @@ class Bundle:
                 "use --prompt to have the chat template add it"
             )
         return self.tokenizer.encode(expand_image_tokens(text, self.image_token, self.num_image_tokens)).ids
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int, task: str | None = None) -> None:
+        """Refuse a request whose prompt (image tokens included) plus max_new_tokens does not fit the bundle: its
+        context (the target's shapes.context, counting a task's prefix) or the model's max_position_embeddings."""
+        task = self.resolve_task(task)
+        info = self.tasks.get(task) if task is not None else None
+        n_prefix = int((info or {}).get("prefix_tokens") or 0)
+        offset = int((info or {}).get("position_offset") or 0)
+        need = n_prefix + prompt_tokens + max_new_tokens
+        prefix = f" + {n_prefix} prefix tokens of task '{task}'" if n_prefix else ""
+        what = (f"the prompt is {prompt_tokens} tokens ({self.num_image_tokens} of them for the image){prefix} and "
+                f"--max-new-tokens is {max_new_tokens}: {need} tokens")
+        fix = "shorten the prompt or lower --max-new-tokens"
+        if self.context and need > int(self.context):
+            name = (self.manifest.get("target") or {}).get("name", "?")
+            raise VlexportError(f"{what}, over the bundle's context of {self.context} tokens (target '{name}' "
+                                f"shapes.context); {fix}, or build for a target with a larger context")
+        last_position = offset + prompt_tokens + max_new_tokens
+        if self.max_position_embeddings and last_position > int(self.max_position_embeddings):
+            raise VlexportError(f"{what}, over the model's max_position_embeddings of {self.max_position_embeddings}"
+                                f"{f' (positions start at {offset})' if offset else ''}; {fix}")
+        if self.max_prompt_tokens and n_prefix + prompt_tokens > int(self.max_prompt_tokens):
+            raise VlexportError(f"the prompt is {prompt_tokens} tokens{prefix}, over the {self.max_prompt_tokens} "
+                                "that the TensorRT engines' profiles take (target shapes.prompt_tokens); shorten the prompt")
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -189,12 +227,20 @@ class Bundle:
     ) -> Generation:
         if (prompt is None) == (raw_prompt is None):
             raise VlexportError("give exactly one of --prompt (chat template applied) or --raw-prompt (used verbatim)")
-        if max_new_tokens < 1:
-            raise VlexportError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+        check_sampling(max_new_tokens, temperature, top_p)
+        self.resolve_task(task)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         text = self.chat_prompt(prompt) if prompt is not None else raw_prompt
         ids = self.encode(text)
+        # Before the image is read or vision runs, and before any cache is allocated.
+        self.check_context(len(ids), max_new_tokens, task)
+        n_image = ids.count(self.image_token_id)
+        if n_image != self.num_image_tokens:
+            raise VlexportError(
+                f"the prompt has {n_image} image tokens but the bundle's vision part gives {self.num_image_tokens} "
+                f"features; write the image as one '{self.image_token}' placeholder and let vlexport expand it"
+            )
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
         features = self.image_features(pixels, task)
@@ -215,7 +261,7 @@ class Bundle:
         t3 = time.perf_counter()
         new: list[int] = []
         while True:
-            token = _pick(logits[0, -1], temperature, top_p, rng)
+            token = pick_token(logits[0, -1], temperature, top_p, rng)
             new.append(token)
             if token in self.eos_ids or len(new) >= max_new_tokens:
                 break
@@ -237,6 +283,31 @@ class Bundle:
         return Generation(text=self.decode(new), token_ids=new, prompt_ids=ids, timings=timings)
 
 
+def check_threads(threads) -> None:
+    """None (every core this process may use) or a whole number >= 1."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise VlexportError(f"--threads {threads!r} is not a number of CPU threads: give a whole number of at least 1, "
+                            "or leave --threads out to use every core this process may use")
+
+
+def check_sampling(max_new_tokens, temperature, top_p) -> None:
+    """Generation options, each refused by name: max_new_tokens >= 1, temperature >= 0 (0 = greedy), top_p in (0, 1]."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise VlexportError(f"--max-new-tokens must be a whole number of at least 1 (got {max_new_tokens!r})")
+    try:
+        temperature, top_p = float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise VlexportError(f"--temperature {temperature!r} and --top-p {top_p!r} must be numbers") from None
+    if not math.isfinite(temperature) or temperature < 0:
+        raise VlexportError(f"--temperature {temperature:g} is not allowed: give 0 for greedy decoding or a positive "
+                            "number to sample (1 = the model's own distribution)")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise VlexportError(f"--top-p {top_p:g} is outside (0, 1]: it is the probability mass sampled from (1 = all "
+                            "tokens; 0 would keep no token); give a --top-p in (0, 1]")
+
+
 def _load_pack(path: Path) -> dict:
     from safetensors.numpy import load_file
 
@@ -246,21 +317,17 @@ def _load_pack(path: Path) -> dict:
 def _runners(path: Path, manifest: dict, backend: str, threads: int | None) -> dict:
     """One runner per part; every runner has infer(feed) -> dict of arrays."""
     if backend == "onnxruntime":
-        return {name: OrtRunner(path / part["file"], threads) for name, part in manifest["parts"].items()}
+        return {name: OrtRunner(bundle_file(path, part["file"], f"manifest parts.{name}.file"), threads)
+                for name, part in manifest["parts"].items()}
     if backend != "tensorrt":
         raise VlexportError(f"unknown --backend '{backend}': choose onnxruntime or tensorrt")
-    engines = manifest.get("engines")
-    if not engines or engines["status"] != "built":
-        why = "it has no TensorRT target" if not engines else f"its engines are not built yet ({engines['reason']})"
-        raise VlexportError(
-            f"bundle '{path}' cannot run on TensorRT: {why}; on the device run `vlexport engines {path}` first"
-        )
-    from .backends.tensorrt import TensorRTRunner
+    from .engines import open_engines
 
-    return {name: TensorRTRunner(path / part["file"]) for name, part in engines["parts"].items()}
+    # Each engine is checked against this bundle's ONNX (graph and weights), TensorRT version and GPU first.
+    return open_engines(path, manifest)
 
 
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature

@@ -105,8 +105,10 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
     return read_bitfit_dump(path)
 
 
-def merge_adapters(model, adapters: list[Adapter]) -> None:
+def merge_adapters(model, adapters: list[Adapter], log=None) -> None:
     """Validate every adapter against the model, then merge them in the order given (fp32)."""
+    from ..progress import track
+
     for adapter in adapters:
         if adapter.kind not in MERGEABLE:
             raise VlexportError(
@@ -115,5 +117,14 @@ def merge_adapters(model, adapters: list[Adapter]) -> None:
             )
     for adapter in adapters:
         adapter.validate(model)
-    for adapter in adapters:
-        adapter.merge_into(model)
+    # One step per LoRA module (a 7B LoRA has hundreds, and its merge takes a minute), one per other adapter.
+    from .lora import LoraAdapter
+
+    steps = sum(len(a.modules) if isinstance(a, LoraAdapter) else 1 for a in adapters)
+    with track(log, "merge", total=steps) as advance:
+        for adapter in adapters:
+            if isinstance(adapter, LoraAdapter):
+                adapter.merge_into(model, on_module=lambda name: advance(1, name))
+            else:
+                adapter.merge_into(model)
+                advance(1, adapter.path.name)

@@ -146,9 +146,16 @@ def read_plain_bottleneck(path: Path) -> "BottleneckAdapter":
     from safetensors import safe_open
 
     path = Path(path)
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise VlexportError(
+            f"plain bottleneck file '{path}' is not a readable safetensors file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it may be truncated: copy or write it again"
+        ) from None
+    check_finite(state, path)
     for field_name in ("part", "mix", "scaling", "activation"):
         if field_name not in meta:
             raise VlexportError(f"plain bottleneck file '{path}' has no '{field_name}' in its header metadata")
@@ -167,11 +174,27 @@ def read_plain_bottleneck(path: Path) -> "BottleneckAdapter":
         if not m:
             raise VlexportError(f"plain bottleneck file '{path}': tensor '{key}' is not layers.N.attention|mlp.down|up.weight|bias")
         layer, site, proj, leaf = m.groups()
-        grouped.setdefault((int(layer), _SITE_NAMES.index(site)), {})[f"{proj}.{leaf}"] = value.astype(np.float32)
-    for key, value in state.items():
-        if not np.isfinite(value).all():
-            raise VlexportError(f"plain bottleneck file '{path}': tensor '{key}' has NaN/Inf values; the adapter is corrupt")
-    weights = {k: (t["down.weight"], t["down.bias"], t["up.weight"], t["up.bias"]) for k, t in grouped.items()}
+        grouped.setdefault((int(layer), _SITE_NAMES.index(site)), {})[f"{proj}.{leaf}"] = value.float().numpy()
+    weights = {}
+    for (layer, site), t in sorted(grouped.items()):
+        stem = f"layers.{layer}.{_SITE_NAMES[site]}"
+        for name in ("down.weight", "down.bias", "up.weight", "up.bias"):
+            if name not in t:
+                raise VlexportError(
+                    f"plain bottleneck file '{path}' lacks tensor '{stem}.{name}' (it has {', '.join(sorted(f'{stem}.{n}' for n in t))}); "
+                    "each adapted site needs down.weight [r, d], down.bias [r], up.weight [d, r] and up.bias [d]: "
+                    "write the file again (vlexport.adapters.bottleneck.save_plain)"
+                )
+        down_w, down_b, up_w, up_b = t["down.weight"], t["down.bias"], t["up.weight"], t["up.bias"]
+        r, d = down_w.shape if down_w.ndim == 2 else (None, None)
+        want = {"down.weight": (r, d), "down.bias": (r,), "up.weight": (d, r), "up.bias": (d,)}
+        for name, value in zip(want, (down_w, down_b, up_w, up_b)):
+            if r is None or value.shape != want[name]:
+                raise VlexportError(
+                    f"plain bottleneck file '{path}': tensor '{stem}.{name}' has shape {tuple(value.shape)}, expected "
+                    f"{want[name] if r is not None else '[r, d]'} for '{stem}.down.weight' {tuple(down_w.shape)}"
+                )
+        weights[(layer, site)] = (down_w, down_b, up_w, up_b)
     return BottleneckAdapter(path=path, weights_file=path, config=dict(meta), part=meta["part"], weights=weights,
                              mix=(a, b, scaling), activation=meta["activation"], preset="plain")
 

@@ -41,9 +41,16 @@ def read_tensors(path: Path) -> dict:
 
 
 def check_finite(tensors: dict, source: Path) -> None:
+    """Every tensor is floating point (an integer, bool or complex adapter tensor is refused by name) and finite."""
     import torch
 
     for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise VlexportError(
+                f"adapter '{source}': tensor '{key}' has dtype {str(t.dtype).removeprefix('torch.')}, but adapter "
+                "weights are floating point (float32/float16/bfloat16); the file is not an adapter or was saved "
+                "wrongly (quantized?): save the trained weights in floating point"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             n_bad = int((~torch.isfinite(t)).sum())
             raise VlexportError(

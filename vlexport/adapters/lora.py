@@ -98,7 +98,7 @@ class LoraAdapter:
                 raise _unmapped(self, self.source_keys.get(m.module, m.module))
             weight = mod.weight
             if m.layer == "linear":
-                want_a, want_b = (m.A.shape[0], weight.shape[1]), (weight.shape[0], m.B.shape[1])
+                want_a, want_b = (m.A.shape[0], weight.shape[1]), (weight.shape[0], m.A.shape[0])
             elif m.layer == "embedding":
                 want_a, want_b = (m.A.shape[0], weight.shape[0]), (weight.shape[1], m.A.shape[0])
             else:
@@ -122,8 +122,9 @@ class LoraAdapter:
                 raise _shape_error(self, f"{name} trainable tokens", rows.shape, (len(idx), p.shape[1]))
 
     # -- merge --------------------------------------------------------------------------------------------------
-    def merge_into(self, model) -> None:
-        """Fold the adapter into `model`'s fp32 weights: full replacements first, then deltas (PEFT's order)."""
+    def merge_into(self, model, on_module=None) -> None:
+        """Fold the adapter into `model`'s fp32 weights: full replacements first, then deltas (PEFT's order).
+        on_module(name) is called after each module is merged (the build's progress bar)."""
         import torch
 
         modules = dict(model.named_modules())
@@ -157,6 +158,8 @@ class LoraAdapter:
                         mod.bias = torch.nn.Parameter(delta.to(mod.weight.dtype))
                     else:
                         mod.bias.copy_((mod.bias.float() + delta).to(mod.bias.dtype))
+                if on_module is not None:
+                    on_module(m.module)
 
     # -- PyTorch reference ----------------------------------------------------------------------------------------
     def write_peft_dir(self, out: Path) -> Path:
@@ -246,23 +249,55 @@ def _check_options(config: dict, source: Path) -> None:
             )
 
 
-def _scaling(config: dict, module: str, r: int) -> float:
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's lookup: the first key K with (.*\\.)?(K)$ matching the module name, else the exact name, else default."""
     from peft.utils.other import get_pattern_key
 
-    alpha_pattern = config.get("alpha_pattern") or {}
-    alpha = config.get("lora_alpha", 8)
-    if alpha_pattern:
-        key = get_pattern_key(list(alpha_pattern), module)
-        alpha = alpha_pattern.get(key, alpha)
+    if not pattern:
+        return default
+    return pattern.get(get_pattern_key(list(pattern), module), default)
+
+
+def _scaling(config: dict, module: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def rewrite_patterns(config: dict, trained_names: dict[str, str]) -> dict:
+    """The config with rank_pattern/alpha_pattern (and trainable_token_indices) keys rewritten to transformers 5
+    module names, exactly as the state-dict keys are (normalize_key), so that PEFT and the merge resolve them
+    against today's names as PEFT resolved them against the names at training time.
+
+    trained_names maps each module's transformers 5 name to its name at training time (from the file's keys). A
+    module whose pattern resolves differently after the key rewrite (a suffix pattern in the old layout, e.g.
+    'vision_model.encoder.layers.0.mlp.fc1') gets an explicit full-name entry, first, with its training-time value."""
+    out = dict(config)
+    for option, default in (("alpha_pattern", config.get("lora_alpha", 8)), ("rank_pattern", config.get("r", 8))):
+        pattern = config.get(option) or {}
+        if not pattern:
+            continue
+        rewritten = {normalize_key(k): v for k, v in pattern.items()}
+        explicit = {}
+        for name, trained in sorted(trained_names.items()):
+            want = _pattern_value(pattern, trained, default)
+            if _pattern_value(rewritten, name, default) != want:
+                explicit[re.escape(name)] = want
+        out[option] = {**explicit, **rewritten}
+    tokens = config.get("trainable_token_indices")
+    if isinstance(tokens, dict):
+        out["trainable_token_indices"] = {normalize_key(k): v for k, v in tokens.items()}
+    return out
 
 
 _ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|modules_to_save)\.default\b")
 
 
 def parse_peft_state(state: dict, config: dict, adapter: LoraAdapter) -> None:
-    """Fill `adapter` from a PEFT-style state dict with keys in any known layout."""
+    """Fill `adapter` from a PEFT-style state dict with keys in any known layout. adapter.config becomes `config`
+    with its pattern keys rewritten to transformers 5 names (rewrite_patterns)."""
     entries: dict[str, dict] = {}
+    raw_keys: dict[str, dict] = {}  # module -> slot -> key in the file, for messages
+    trained_names: dict[str, str] = {}  # module -> its name at training time
     for raw_key, tensor in state.items():
         key = _ADAPTER_NAME.sub(lambda m: "." + m.group(1), raw_key).replace(".modules_to_save.", ".")
         name = normalize_key(key)
@@ -275,13 +310,18 @@ def parse_peft_state(state: dict, config: dict, adapter: LoraAdapter) -> None:
             if name.endswith(suffix):
                 module = name[: -len(suffix)]
                 entries.setdefault(module, {})[slot] = tensor
+                raw_keys.setdefault(module, {})[slot] = raw_key
                 adapter.source_keys[module] = raw_key
+                trained = key.removeprefix(PEFT_PREFIX)
+                trained_names[module] = trained[: -len(suffix)] if trained.endswith(suffix) else module
                 break
         else:
             name = name.replace(".base_layer.", ".")
             adapter.replacements[name] = tensor
             adapter.source_keys[name] = raw_key
 
+    config = rewrite_patterns(config, {m: t for m, t in trained_names.items() if set(entries[m]) != {"tokens"}})
+    adapter.config = config
     token_indices = config.get("trainable_token_indices") or {}
     for module, e in entries.items():
         if "tokens" in e:
@@ -295,16 +335,30 @@ def parse_peft_state(state: dict, config: dict, adapter: LoraAdapter) -> None:
             if set(e) == {"tokens"}:
                 continue
         if "eA" in e or "eB" in e:
-            A, B, layer = e.get("eA"), e.get("eB"), "embedding"
+            A, B, layer, a_slot, b_slot = e.get("eA"), e.get("eB"), "embedding", "eA", "eB"
         else:
-            A, B = e.get("A"), e.get("B")
+            A, B, a_slot, b_slot = e.get("A"), e.get("B"), "A", "B"
             layer = "conv" if A is not None and A.dim() == 4 else "linear"
         if A is None or B is None:
             missing = "lora_A" if A is None else "lora_B"
             raise VlexportError(
                 f"adapter '{adapter.path}': module '{adapter.source_keys[module]}' has no {missing} tensor; the file is incomplete"
             )
+        a_key, b_key = raw_keys[module][a_slot], raw_keys[module][b_slot]
+        if A.dim() < 2 or B.dim() < 2 or A.shape[0] != B.shape[1]:
+            raise VlexportError(
+                f"adapter '{adapter.path}': tensors '{a_key}' {tuple(A.shape)} and '{b_key}' {tuple(B.shape)} disagree "
+                f"on the LoRA rank ({A.shape[0] if A.dim() else '?'} vs {B.shape[1] if B.dim() > 1 else '?'}): "
+                "lora_A is [r, in] and lora_B [out, r]; the file is corrupt or mixes two adapters: export it again"
+            )
         r = A.shape[0]
+        want_r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", r))
+        if want_r != r:
+            raise VlexportError(
+                f"adapter '{adapter.path}': tensor '{a_key}' has rank {r} but adapter_config.json gives this module "
+                f"r={want_r} (r / rank_pattern); the config does not belong to these weights: use the training "
+                "run's adapter_config.json"
+            )
         adapter.modules.append(
             LoraModule(module, layer, A, B, _scaling(config, module, r), magnitude=e.get("m"), bias=e.get("bias"))
         )

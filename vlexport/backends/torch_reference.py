@@ -1,9 +1,10 @@
 """The PyTorch reference: the base with its adapters applied unmerged, as they were trained.
 
 LoRA goes through PEFT itself (keys rewritten to transformers 5's layout first, since PEFT silently drops old-layout
-projector keys). A BitFit dump is the trained values of the model's own bias parameters, so it is loaded into them.
+projector keys). A BitFit dump is the trained values of the model's own bias parameters, so it is loaded into them,
+by PyTorch name, from the file's own keys (set_biases_by_name: never through vlexport's merge code or key map).
 PEFT BEFT goes through PEFT when it is the only PEFT kind; next to LoRA (PEFT cannot stack both types in one model)
-its delta is added to the bias, which is exactly BEFT's forward (output + beft_bias).
+its delta is added to the bias the same way, which is exactly BEFT's forward (output + beft_bias).
 """
 
 from __future__ import annotations
@@ -17,34 +18,34 @@ from ..adapters import Adapter
 from ..adapters.bitfit import BitFitAdapter
 from ..adapters.lora import LoraAdapter
 from ..adapters.prefix import PrefixAdapter
+from ..errors import VlexportError
 from ..model import load_llava
 
 
-def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None = None):
+def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None = None, dtype=torch.float32):
     """num_text_layers keeps only the first decoder layers, and the adapter entries that live in them.
+
+    dtype is the dtype of the whole reference: the base, PEFT's adapter layers, BitFit biases, the bottleneck
+    hooks' tensors and a prefix's keys/values (torch.float64 gives the oracle that verify compares against).
 
     A prefix adapter goes through PEFT's forward() (never its generate(), which drops the prefix with
     transformers 5); next to LoRA/BEFT, which PEFT cannot stack with it, PrefixReference re-implements it."""
     prefixes = [a for a in adapters if isinstance(a, PrefixAdapter)]
     bottlenecks = [a for a in adapters if a.kind == "bottleneck"]
     adapters = [a for a in adapters if a.kind in ("lora", "bitfit")]
-    model = _merged_kinds_reference(base, adapters, num_text_layers)
+    model = _merged_kinds_reference(base, adapters, num_text_layers, dtype)
     for a in bottlenecks:
-        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if a.part == "vision":
-            layers, dim = len(llava.model.vision_tower.encoder.layers), llava.config.vision_config.hidden_size
-        else:
-            layers, dim = len(llava.model.language_model.layers), llava.config.text_config.hidden_size
-        attach_bottleneck(model, a.part, a.slot_feed(layers, dim))
+        a.validate(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        attach_bottleneck_adapter(_tower_layers(model, a.part), a, dtype=dtype)
     if not prefixes:
         return model
     if len(prefixes) > 1:
         raise ValueError("one prefix per reference")
     if hasattr(model, "peft_config") or prefixes[0].format != "peft-prefix":
-        return PrefixReference(model, prefixes[0])
+        return PrefixReference(model, prefixes[0], dtype=dtype)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(_folder(prefixes[0].path))).eval()
+    return PeftModel.from_pretrained(model, str(_folder(prefixes[0].path))).to(dtype).eval()
 
 
 def _folder(path: Path) -> Path:
@@ -56,13 +57,13 @@ class PrefixReference(torch.nn.Module):
     attention mask gets P ones in front. Positions follow the library that trained it: PEFT continues after the
     prefix (HF derives that from the cache), AdapterHub starts the real tokens at 0."""
 
-    def __init__(self, model, prefix: PrefixAdapter):
+    def __init__(self, model, prefix: PrefixAdapter, dtype=torch.float32):
         super().__init__()
         self.model = model
         cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.text_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.text_config = cfg
-        self.kv = {k: torch.from_numpy(v) for k, v in prefix.key_values(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim).items()}
+        self.kv = {k: torch.from_numpy(v).to(dtype) for k, v in prefix.key_values(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim).items()}
         self.num_tokens = prefix.num_tokens
         self.position_offset = prefix.position_offset
 
@@ -93,50 +94,70 @@ _SITES = {
 }
 
 
-def attach_bottleneck(model, part: str, feed: dict) -> list:
-    """Bottleneck adapters on the HF model, unmerged: at each residual add x + h, h becomes h + s*f(a*x + b*h).
-
-    x is captured by a pre-hook on the sub-block's layer norm (its input is the residual stream), h by a hook on
-    the sub-block's output. `feed` holds the slot arrays (vlexport/slots.py). Returns the hook handles."""
+def _tower_layers(model, part: str):
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = llava.model.vision_tower.encoder.layers if part == "vision" else llava.model.language_model.layers
-    return attach_bottleneck_to_layers(layers, part, feed)
+    return llava.model.vision_tower.encoder.layers if part == "vision" else llava.model.language_model.layers
 
 
-def attach_bottleneck_to_layers(layers, part: str, feed: dict) -> list:
-    """attach_bottleneck on any list of CLIP encoder or Llama decoder layers."""
-    t = {k.split(".", 1)[1]: torch.from_numpy(v) for k, v in feed.items()}
+_FUNCTIONS = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+
+
+def attach_bottleneck_adapter(layers, adapter, dtype=torch.float32) -> list:
+    """A bottleneck adapter on a list of CLIP encoder or Llama decoder layers, unmerged, from the adapter's own
+    per-layer weights (no slot arrays: the reference must not share the exported slots' packing). At each residual
+    add x + h, h becomes h + s*f(a*x + b*h). Adapters in layers the model does not run are left out, as in the
+    graph. Returns the hook handles."""
+    a, b, s = (float(v) for v in adapter.mix)
+    act = _FUNCTIONS[adapter.activation]
     handles = []
-    for i in range(t["mix"].shape[0]):
-        for site, (norm_name, sub_name) in enumerate(_SITES[part]):
-            if t["down_weight"].shape[2] == 0 and not t["up_bias"][i, site].any():
-                continue
-            seen: dict = {}
-            norm, sub = getattr(layers[i], norm_name), getattr(layers[i], sub_name)
-            handles.append(norm.register_forward_pre_hook(lambda _m, args, seen=seen: seen.update(x=args[0])))
-            handles.append(sub.register_forward_hook(_adapter_hook(t, i, site, seen)))
+    for (i, site), (down_w, down_b, up_w, up_b) in sorted(adapter.weights.items()):
+        if i >= len(layers):
+            continue
+        w = [torch.as_tensor(v).to(dtype) for v in (down_w, down_b, up_w, up_b)]
+        handles += _hook_site(layers[i], adapter.part, site, lambda z, w=w: act(z @ w[0].T + w[1]) @ w[2].T + w[3], a, b, s)
     return handles
 
 
-def _adapter_hook(t: dict, i: int, site: int, seen: dict):
-    from ..slots import ACTIVATIONS
-
-    functions = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
-    act = functions[ACTIVATIONS[int(t["activation"][i, site].argmax())]]
-    a, b, s = (float(v) for v in t["mix"][i, site])
+def _hook_site(layer, part: str, site: int, f, a: float, b: float, s: float) -> list:
+    """x from a pre-hook on the sub-block's layer norm (its input is the residual stream), h from a hook on the
+    sub-block's output, which becomes h + s*f(a*x + b*h)."""
+    norm_name, sub_name = _SITES[part][site]
+    seen: dict = {}
 
     def hook(_module, _args, output):
         h = output[0] if isinstance(output, tuple) else output
-        z = a * seen["x"] + b * h
-        y = act(z @ t["down_weight"][i, site].T + t["down_bias"][i, site]) @ t["up_weight"][i, site].T + t["up_bias"][i, site]
-        h = h + s * y
+        h = h + s * f(a * seen["x"] + b * h)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    return hook
+    return [getattr(layer, norm_name).register_forward_pre_hook(lambda _m, args: seen.update(x=args[0])),
+            getattr(layer, sub_name).register_forward_hook(hook)]
 
 
-def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None):
-    model = load_llava(base, num_text_layers)
+def attach_bottleneck(model, part: str, feed: dict, dtype=torch.float32) -> list:
+    """Bottleneck slot arrays (vlexport/slots.py) on the HF model as hooks: what the exported slots compute, for
+    tests of the slot packing. The reference itself uses attach_bottleneck_adapter. Returns the hook handles."""
+    return attach_bottleneck_to_layers(_tower_layers(model, part), part, feed, dtype=dtype)
+
+
+def attach_bottleneck_to_layers(layers, part: str, feed: dict, dtype=torch.float32) -> list:
+    """attach_bottleneck on any list of CLIP encoder or Llama decoder layers; the hooks compute in `dtype`."""
+    from ..slots import ACTIVATIONS
+
+    t = {k.split(".", 1)[1]: torch.from_numpy(v).to(dtype) for k, v in feed.items()}
+    handles = []
+    for i in range(t["mix"].shape[0]):
+        for site in range(2):
+            if t["down_weight"].shape[2] == 0 and not t["up_bias"][i, site].any():
+                continue
+            act = _FUNCTIONS[ACTIVATIONS[int(t["activation"][i, site].argmax())]]
+            w = [t[k][i, site] for k in ("down_weight", "down_bias", "up_weight", "up_bias")]
+            a, b, s = (float(v) for v in t["mix"][i, site])
+            handles += _hook_site(layers[i], part, site, lambda z, w=w, act=act: act(z @ w[0].T + w[1]) @ w[2].T + w[3], a, b, s)
+    return handles
+
+
+def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers: int | None, dtype=torch.float32):
+    model = load_llava(base, num_text_layers, dtype=str(dtype).removeprefix("torch."))
     if num_text_layers is not None:
         adapters = [a.without_text_layers_from(num_text_layers) for a in adapters]
     loras = [a for a in adapters if isinstance(a, LoraAdapter)]
@@ -144,7 +165,7 @@ def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers
     for a in adapters:
         a.validate(model)
         if isinstance(a, BitFitAdapter) and (a.absolute or loras):
-            a.merge_into(model)
+            set_biases_by_name(model, a, dtype)
     peft_adapters = loras or befts
     if not peft_adapters:
         return model
@@ -158,7 +179,67 @@ def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers
             model.load_adapter(str(d), adapter_name=n)
     if len(names) > 1:
         model.base_model.set_adapter(names)
-    return model.eval()
+    return model.to(dtype).eval()
+
+
+# Containers that name the same module differently across transformers versions and PEFT's wrapper. Dropping them
+# (and a repeated one, as in the LLaVA repo's vision_tower.vision_tower) gives a name every layout agrees on, e.g.
+# vision_tower.encoder.layers.0.mlp.fc1 or layers.0.self_attn.o_proj.
+_CONTAINERS = {"base_model", "model", "language_model", "vision_model"}
+_BIAS_SUFFIXES = (".beft_bias.default", ".beft_bias", ".bias")
+
+
+def _canonical(name: str) -> str:
+    parts = [p for p in name.split(".") if p not in _CONTAINERS]
+    return ".".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])
+
+
+def model_names_by_canonical(model) -> dict[str, str]:
+    """{canonical name: the model's own module name}, derived from the model's modules alone (no vlexport key
+    map), so that a mapping bug in the build's reader cannot hide in the reference too."""
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "weight"):
+            continue
+        key = _canonical(name)
+        if key in out:
+            raise VlexportError(f"reference: modules '{out[key]}' and '{name}' have the same canonical name '{key}'")
+        out[key] = name
+    return out
+
+
+def set_biases_by_name(model, adapter: BitFitAdapter, dtype=torch.float32) -> list[str]:
+    """A BitFit dump (absolute biases) or BEFT (deltas on the layer output, i.e. on its bias), applied to the
+    model's own bias parameters found by PyTorch name from the file's raw keys. A module without a bias (a Llama
+    linear) gets a real nn.Parameter bias registered on it. Returns the module names set."""
+    from ..adapters.io import read_tensors
+
+    state = read_tensors(adapter.weights_file)
+    names = model_names_by_canonical(model)
+    layers = model.config.text_config.num_hidden_layers
+    done = []
+    with torch.no_grad():
+        for key, value in state.items():
+            stem = next((key[: -len(s)] for s in _BIAS_SUFFIXES if key.endswith(s)), None)
+            if stem is None:
+                raise VlexportError(f"reference: '{adapter.weights_file}' tensor '{key}' is not a bias")
+            canonical = _canonical(stem)
+            if canonical.startswith("layers.") and int(canonical.split(".")[1]) >= layers:
+                continue  # few-layer reference: a decoder layer this model does not have
+            if canonical not in names:
+                raise VlexportError(f"reference: '{adapter.weights_file}' tensor '{key}' names no module of the model")
+            name = names[canonical]
+            module = model.get_submodule(name)
+            value = value.to(dtype).reshape(-1)
+            bias = getattr(module, "bias", None)
+            if bias is None:
+                module.register_parameter("bias", torch.nn.Parameter(value.clone()))
+            elif adapter.absolute:
+                bias.copy_(value)
+            else:
+                bias.copy_(bias + value)
+            done.append(name)
+    return done
 
 
 def _peft_dir(adapter: Adapter, out: Path) -> Path:
