@@ -1,25 +1,32 @@
-"""`vlexport build`: base + adapters -> merged fp32 model -> three ONNX parts (each checked) -> bundle."""
+"""`vlexport build`: base + adapters -> merged fp32 model -> three ONNX parts (each checked) -> bundle.
+
+`build` validates every input first (`plan_build`, no expensive work), then runs `STAGES` in order over one
+`BuildState` inside a temporary directory that becomes the bundle only when every stage has passed. Each stage is a
+plain function of the state; `stage(state, name)` records its seconds and peak RSS for the manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import __version__
 from .adapters import MERGEABLE, merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
-from .errors import VlexportError
+from .errors import ParityError, VlexportError
 from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import EXPORT_ATTENTION, check_base_dir, facts_from_config, fingerprint, load_llava
-from .parity.verify import check_first_layers
+from .parity.verify import check_first_layers, check_oracle_option
 from .plan import BYTES, check_fits, parameter_counts, plan_memory
-from .precision import int8_options
-from .target import load_target
+from .precision import Int8Options, int8_options
+from .progress import track
+from .target import Target, load_target
 from .export.parts import feature_indices
 from .tasks import load_bank, merged_parts, slot_geometry, write_packs
 
@@ -137,99 +144,68 @@ def check_buildable(target, int8) -> None:
         )
 
 
-def _smoothquant(model, base: Path, assets: dict, adapters: list, opts, precision: dict, calib, log) -> dict | None:
-    """Channel maxima on the calibration set (cached per base, adapters and set), folded into the model in place."""
-    import hashlib
-
-    import numpy as np
-
-    from .precision import calibration, smoothquant
-
-    parts = opts.smoothed_parts(precision)
-    if not parts:
-        return None
-    key = hashlib.sha256("|".join([fingerprint(base), *[a.sha256 for a in adapters], calibration.calib_fingerprint(calib),
-                                   *sorted(parts)]).encode()).hexdigest()[:24]
-    path = calibration.cache_root() / "smoothquant" / f"{key}.npz"
-    if path.exists():
-        maxima = dict(np.load(path))
-        log(f"SmoothQuant: reusing channel maxima from {path}")
-    else:
-        from transformers import AutoProcessor
-
-        from .runtime import render_chat_prompt
-
-        cases = calibration.calib_cases(calib)
-
-        def chat(prompt):
-            return render_chat_prompt(assets["chat_template"], prompt, assets["bos_token"], assets["eos_token"])
-
-        texts = [calibration.prompt_text(c, chat) for c in cases]
-        maxima = smoothquant.activation_maxima(model, AutoProcessor.from_pretrained(str(base)), cases, texts, parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **maxima)
-        log(f"SmoothQuant: channel maxima measured on {len(cases)} calibration cases, saved to {path}")
-    return {"parts": sorted(parts), "alpha": opts.smoothquant_alpha, "maxima": maxima}
 
 
-def _apply_smoothing(model, smoothing: dict | None) -> int:
-    from .precision import smoothquant
+@dataclass
+class BuildState:
+    """What the stages share: the validated inputs (set by plan_build), then what each stage produces."""
 
-    if not smoothing:
-        return 0
-    return smoothquant.smooth(model, smoothing["maxima"], smoothing["alpha"], set(smoothing["parts"]))
+    base: Path
+    out: Path
+    force: bool
+    prof: Target
+    int8_opts: Int8Options
+    calib: Path | None
+    facts: Any
+    assets: dict
+    loaded: list
+    tasks: dict
+    memory: Any
+    dtype: str
+    low_memory: str | None
+    verify: bool
+    verify_layers: int | None
+    oracle: str
+    strict_precision: bool
+    log: Callable[[str], None]
+    stages: dict = field(default_factory=dict)
+    model: Any = None
+    slots: dict = field(default_factory=dict)
+    smoothing: dict | None = None
+    tmp: Path | None = None
+    parts: dict = field(default_factory=dict)
+    task_parts: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    report: dict | None = None
+
+    @property
+    def exported_precision(self) -> str:
+        return "fp32" if self.dtype == "float32" else "fp16"
+
+    @property
+    def export_rel_tol(self) -> float:
+        return self.prof.thresholds(self.exported_precision)["export_rel_tol"]
 
 
-def _export_task_parts(tmp: Path, base: Path, loaded: list, tasks: dict, facts, slots: dict, rel_tol: float,
-                       stages: dict, log, slot_defaults: bool, smoothing: dict | None) -> dict:
-    """Tasks with their own LoRA/BitFit: the parts it changes, exported again with it merged (a copy per task)."""
-    out = {}
-    for name, task_adapters in tasks.items():
-        own = [a for a in task_adapters if a.kind in MERGEABLE]
-        if not own:
-            continue
-        t = time.perf_counter()
-        model = load_llava(base, attention=EXPORT_ATTENTION["float32"])
-        merge_adapters(model, [*loaded, *own])
-        _apply_smoothing(model, smoothing)  # the base's channel maxima; the fold is exact for any weights
-        wanted = merged_parts(own)
-        for spec in part_specs(model, facts, frozenset(slots)):
-            if spec.name not in wanted:
-                continue
-            path = export_part(spec, tmp / "tasks" / name / f"{spec.name}.onnx")
-            if spec.name in slots and slot_defaults:
-                add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
-            check_part(spec, path, rel_tol)
-            out.setdefault(name, {})[spec.name] = path.relative_to(tmp).as_posix()
-        stages[f"export_task_{name}"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
-        log(f"task {name}: exported its own merged {', '.join(wanted)} part(s)")
-    return out
+@contextlib.contextmanager
+def stage(state: BuildState, name: str):
+    """Time a stage; its seconds and the process's peak RSS so far go into the manifest's build.stages."""
+    t = time.perf_counter()
+    yield
+    state.stages[name] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
 
 
-def build(
-    base: str | Path,
-    adapters: list[str | Path] = (),
-    out: str | Path = "bundle",
-    target: str = "cpu",
-    force: bool = False,
-    adapter_kind: str | None = None,
-    verify: bool = True,
-    precision: dict | None = None,
-    int8: str | None = None,
-    calib: str | Path | None = None,
-    verify_layers: int | None = None,
-    log: Callable[[str], None] = lambda msg: None,
-) -> dict:
-    """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`.
-
-    verify_layers=N verifies only the first N decoder layers (`vlexport verify --layers`); it is chosen (N=2) when
-    the fp32 PyTorch reference would not fit in memory."""
+def plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
+               oracle, strict_precision, log) -> BuildState:
+    """Every check that needs no model: output path, base, target, precisions, calibration data, adapters, memory."""
     base, out = Path(base), Path(out)
     check_output_path(out, force)
     config = check_base_dir(base)
     prof = load_target(target).with_precision(precision or {})
     int8_opts = int8_options(prof.int8, int8)
     check_buildable(prof, int8_opts)
+    if verify:
+        check_oracle_option(oracle)
     if "int8" in prof.precision.values():
         from .precision.calibration import calib_cases
 
@@ -254,134 +230,323 @@ def build(
         if verify and verify_layers is None:
             verify_layers = min(2, facts.num_layers)
             log(f"the fp32 PyTorch reference would not fit either: verify compares the first {verify_layers} decoder layers")
-    check_first_layers(verify_layers, facts.num_layers, bool(tasks), "--verify-layers")
-    stages: dict[str, dict] = {}
+    check_first_layers(verify_layers, facts.num_layers, bool(tasks), "--layers")
+    return BuildState(base=base, out=out, force=force, prof=prof, int8_opts=int8_opts, calib=calib, facts=facts,
+                      assets=assets, loaded=loaded, tasks=tasks, memory=memory, dtype=dtype, low_memory=low_memory,
+                      verify=verify, verify_layers=verify_layers, oracle=oracle, strict_precision=strict_precision,
+                      log=log)
 
-    t = time.perf_counter()
-    model = load_llava(base, dtype=dtype, attention=EXPORT_ATTENTION[dtype])
-    merge_adapters(model, loaded)
-    for task_adapters in tasks.values():
-        for a in task_adapters:
-            a.validate(model)
-    vision_layers = max(feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
-    slots = slot_geometry(tasks, facts, vision_layers, model.config.vision_config.hidden_size)
-    stages["load_and_merge"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
-    log(f"merged {len(loaded)} adapter(s) into the base in {dtype}")
-    t = time.perf_counter()
-    smoothing = _smoothquant(model, base, assets, loaded, int8_opts, prof.precision, calib, log)
-    if smoothing:
-        n = _apply_smoothing(model, smoothing)
-        stages["smoothquant"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
-        log(f"SmoothQuant (alpha {smoothing['alpha']}): {n} norm/linear groups in {', '.join(smoothing['parts'])} rescaled")
 
-    exported = "fp32" if dtype == "float32" else "fp16"
-    rel_tol = prof.thresholds(exported)["export_rel_tol"]
-    with atomic_directory(out, force) as tmp:
-        parts = {}
-        for spec in part_specs(model, facts, frozenset(slots)):
+def load_and_merge(state: BuildState) -> None:
+    with stage(state, "load_and_merge"):
+        state.model = model = load_llava(state.base, dtype=state.dtype, attention=EXPORT_ATTENTION[state.dtype])
+        merge_adapters(model, state.loaded, state.log)
+        for task_adapters in state.tasks.values():
+            for a in task_adapters:
+                a.validate(model)
+        facts = state.facts
+        vision_layers = max(feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
+        state.slots = slot_geometry(state.tasks, facts, vision_layers, model.config.vision_config.hidden_size)
+    state.log(f"merged {len(state.loaded)} adapter(s) into the base in {state.dtype}")
+
+
+def apply_smoothquant(state: BuildState) -> None:
+    """SmoothQuant's channel maxima on the calibration set (cached per base, adapters and set), folded into the model."""
+    if not state.int8_opts.smoothed_parts(state.prof.precision):
+        return
+    with stage(state, "smoothquant"):
+        state.smoothing = _smoothquant_maxima(state)
+        n = _apply_smoothing(state.model, state.smoothing)
+    state.log(f"SmoothQuant (alpha {state.smoothing['alpha']}): {n} norm/linear groups in "
+              f"{', '.join(state.smoothing['parts'])} rescaled")
+
+
+def _smoothquant_maxima(state: BuildState) -> dict:
+    import hashlib
+    import io
+
+    import numpy as np
+
+    from .files import atomic_write_bytes
+    from .precision import calibration, smoothquant
+
+    parts = state.int8_opts.smoothed_parts(state.prof.precision)
+    key = hashlib.sha256("|".join([fingerprint(state.base), *[a.sha256 for a in state.loaded],
+                                   calibration.calib_fingerprint(state.calib), *sorted(parts)]).encode()).hexdigest()[:24]
+    path = calibration.cache_root() / "smoothquant" / f"{key}.npz"
+    maxima = _read_maxima_cache(path, state.log)
+    if maxima is None:
+        from transformers import AutoProcessor
+
+        from .runtime import render_chat_prompt
+
+        cases = calibration.calib_cases(state.calib)
+        assets = state.assets
+
+        def chat(prompt):
+            return render_chat_prompt(assets["chat_template"], prompt, assets["bos_token"], assets["eos_token"])
+
+        texts = [calibration.prompt_text(c, chat) for c in cases]
+        with track(state.log, "SmoothQuant channel maxima"):
+            maxima = smoothquant.activation_maxima(state.model, AutoProcessor.from_pretrained(str(state.base)), cases,
+                                                   texts, parts)
+        buffer = io.BytesIO()
+        np.savez(buffer, **maxima)
+        atomic_write_bytes(path, buffer.getvalue())  # a killed build never leaves half a cache
+        state.log(f"SmoothQuant: channel maxima measured on {len(cases)} calibration cases, saved to {path}")
+    return {"parts": sorted(parts), "alpha": state.int8_opts.smoothquant_alpha, "maxima": maxima}
+
+
+def _read_maxima_cache(path: Path, log) -> dict | None:
+    """The cached channel maxima, or None when there are none or the file is truncated or corrupt (then rebuilt)."""
+    import zipfile
+
+    import numpy as np
+
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as cached:
+            maxima = {k: cached[k] for k in cached.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log(f"SmoothQuant: the cache {path} is unreadable ({type(e).__name__}); measuring again")
+        return None
+    log(f"SmoothQuant: reusing channel maxima from {path}")
+    return maxima
+
+
+def _apply_smoothing(model, smoothing: dict | None) -> int:
+    from .precision import smoothquant
+
+    if not smoothing:
+        return 0
+    return smoothquant.smooth(model, smoothing["maxima"], smoothing["alpha"], set(smoothing["parts"]))
+
+
+def _export_checked(state: BuildState, spec, path: Path, first_layers: int | None = None) -> dict:
+    """Export one part, add its slot defaults, and check ONNX Runtime against torch on other shapes."""
+    with track(state.log, f"export {spec.name}", total=2) as advance:
+        advance(0, "torch.onnx.export")
+        export_part(spec, path)
+        if spec.name in state.slots and state.prof.backend == "onnxruntime":
+            # Optional slot inputs for ONNX Runtime hosts. Not for TensorRT: its ONNX parser treats an input that
+            # has an initializer as a constant, which would freeze the slot.
+            add_slot_defaults(path, spec.name, state.slots[spec.name]["layers"], state.slots[spec.name]["dim"])
+        advance(1, "check: ONNX Runtime vs torch")
+        check = check_part(spec, path, state.export_rel_tol, first_layers=first_layers)
+        advance(1, "checked")
+    return check
+
+
+def export_parts(state: BuildState) -> None:
+    exported = state.exported_precision
+    for spec in part_specs(state.model, state.facts, frozenset(state.slots)):
+        with stage(state, f"export_{spec.name}"):
             t = time.perf_counter()
-            path = export_part(spec, tmp / f"{spec.name}.onnx")
-            if spec.name in slots and prof.backend == "onnxruntime":
-                # Optional slot inputs for ONNX Runtime hosts. Not for TensorRT: its ONNX parser treats an input
-                # that has an initializer as a constant, which would freeze the slot.
-                add_slot_defaults(path, spec.name, slots[spec.name]["layers"], slots[spec.name]["dim"])
+            path = state.tmp / f"{spec.name}.onnx"
             # A decoder too large to hold twice is checked on its first layers (their K/V outputs).
-            check = check_part(spec, path, rel_tol, first_layers=2 if low_memory and spec.name == "decoder" else None)
-            seconds = time.perf_counter() - t
-            stages[f"export_{spec.name}"] = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
-            # Exported FP32; lower_parts below lowers them for ONNX Runtime, and makes TensorRT's INT8 Q/DQ graphs.
+            first = 2 if state.low_memory and spec.name == "decoder" else None
+            check = _export_checked(state, spec, path, first_layers=first)
+            # Exported FP32; lower_precision lowers them for ONNX Runtime, and makes TensorRT's INT8 Q/DQ graphs.
             # TensorRT lowers the rest to FP16 when it builds the engines.
-            parts[spec.name] = {"file": path.name, "precision": exported, **onnx_io(path), "export_check": check}
-            log(f"exported {spec.name} ({seconds:.1f}s), ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
-        del model
-        gc.collect()  # a 7B's weights must be gone before verify loads its reference
-        task_parts = _export_task_parts(tmp, base, loaded, tasks, facts, slots, rel_tol, stages, log,
-                                        slot_defaults=prof.backend == "onnxruntime", smoothing=smoothing)
+            state.parts[spec.name] = {"file": path.name, "precision": exported, **onnx_io(path), "export_check": check}
+        state.log(f"exported {spec.name} ({time.perf_counter() - t:.1f}s), ONNX Runtime vs torch max rel. error "
+                  f"{check['max_rel_error']:.2e}")
+    state.model = None
+    gc.collect()  # a 7B's weights must be gone before verify loads its reference
 
-        _copy_tokenizer(base, tmp)
-        spec = assets["image_spec"]
-        if assets["chat_template"]:
-            (tmp / "chat_template.jinja").write_text(assets["chat_template"])
-        manifest = {
-            "vlexport_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
-            "adapters": [a.describe() for a in loaded],
-            "tasks": write_packs(tmp, tasks, facts, slots, task_parts),
-            "slots": slots,
-            "target": prof.to_dict(),
-            "memory_plan": memory.to_dict(),
-            "parts": parts,
-            "model": {
-                "image_token_id": facts.image_token_id,
-                "num_image_tokens": facts.num_image_tokens,
-                "vocab_size": facts.vocab_size,
-                "hidden_size": facts.hidden_size,
-                "num_layers": facts.num_layers,
-                "num_attention_heads": facts.num_heads,
-                "num_kv_heads": facts.num_kv_heads,
-                "head_dim": facts.head_dim,
-                "image_size": facts.image_size,
-                "max_position_embeddings": facts.max_position_embeddings,
-            },
-            "tokenizer": {
-                "file": "tokenizer.json",
-                "image_token": assets["image_token"],
-                "bos_token": assets["bos_token"],
-                "eos_token": assets["eos_token"],
-            },
-            "preprocessing": {"image": {k: getattr(spec, k) for k in spec.__dataclass_fields__}},
-            "chat_template": {"file": "chat_template.jinja"} if assets["chat_template"] else None,
-            "generation": {"eos_token_ids": _eos_ids(base, facts)},
-            "build": {"stages": stages, "export_dtype": dtype, **({"export_dtype_reason": low_memory} if low_memory else {})},
-        }
-        if set(prof.precision.values()) - {"fp32"}:
-            from .precision import lower_parts
 
-            lower_parts(tmp, manifest, prof, int8_opts, calib, log, stages)
-            manifest["precision"] = {
-                "parts": {name: part["precision"] for name, part in parts.items()},
-                "int8": dataclasses.asdict(int8_opts) if "int8" in prof.precision.values() else None,
-                "smoothquant": {"parts": smoothing["parts"], "alpha": smoothing["alpha"]} if smoothing else None,
-                "calibration_set": str(calib) if calib else "calib/ (default)",
-            }
-        if verify:
-            from .parity.verify import verify_directory
-            from .precision import failing_int8_parts, restore_fp32
+def export_task_parts(state: BuildState) -> None:
+    """Tasks with their own LoRA/BitFit: the parts it changes, exported again with it merged (a copy per task)."""
+    for name, task_adapters in state.tasks.items():
+        own = [a for a in task_adapters if a.kind in MERGEABLE]
+        if not own:
+            continue
+        wanted = merged_parts(own)
+        with stage(state, f"export_task_{name}"):
+            model = load_llava(state.base, attention=EXPORT_ATTENTION["float32"])
+            merge_adapters(model, [*state.loaded, *own], state.log)
+            _apply_smoothing(model, state.smoothing)  # the base's channel maxima; the fold is exact for any weights
+            for spec in part_specs(model, state.facts, frozenset(state.slots)):
+                if spec.name not in wanted:
+                    continue
+                path = state.tmp / "tasks" / name / f"{spec.name}.onnx"
+                _export_checked(state, spec, path)
+                state.task_parts.setdefault(name, {})[spec.name] = path.relative_to(state.tmp).as_posix()
+            del model
+        state.log(f"task {name}: exported its own merged {', '.join(wanted)} part(s)")
 
-            t = time.perf_counter()
-            report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, layers=verify_layers, log=log)
-            # The last step of the fallback: an INT8 part that fails the gate on verify's data ships in FP32.
-            while not report["passed"] and int8_opts.fallback and failing_int8_parts(manifest, report):
-                for part in failing_int8_parts(manifest, report):
-                    restore_fp32(tmp, manifest, part, f"INT8 failed the parity gate ({report['summary']})")
-                    log(f"{part}: INT8 failed the parity gate ({report['summary']}); shipping it in FP32")
-                manifest["precision"]["parts"] = {name: part["precision"] for name, part in parts.items()}
-                report = verify_directory(tmp, manifest, base=base, adapters=loaded, tasks=tasks, layers=verify_layers,
-                                          log=log)
-            stages["verify"] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
-            (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
-            manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"]}
-            if not report["passed"]:
-                from .errors import ParityError
 
-                raise ParityError(f"parity check failed: {report['summary']}; the bundle was not written")
-        from .precision import drop_fp32_originals
+def write_assets_and_manifest(state: BuildState) -> None:
+    """Tokenizer, chat template and task packs into the bundle; the manifest as far as it is known now."""
+    tmp, facts, base, assets = state.tmp, state.facts, state.base, state.assets
+    _copy_tokenizer(base, tmp)
+    spec = assets["image_spec"]
+    if assets["chat_template"]:
+        (tmp / "chat_template.jinja").write_text(assets["chat_template"])
+    state.manifest = {
+        "vlexport_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
+        "adapters": [a.describe() for a in state.loaded],
+        "tasks": write_packs(tmp, state.tasks, facts, state.slots, state.task_parts),
+        "slots": state.slots,
+        "target": state.prof.to_dict(),
+        "memory_plan": state.memory.to_dict(),
+        "parts": state.parts,
+        "model": {
+            "image_token_id": facts.image_token_id,
+            "num_image_tokens": facts.num_image_tokens,
+            "vocab_size": facts.vocab_size,
+            "hidden_size": facts.hidden_size,
+            "num_layers": facts.num_layers,
+            "num_attention_heads": facts.num_heads,
+            "num_kv_heads": facts.num_kv_heads,
+            "head_dim": facts.head_dim,
+            "image_size": facts.image_size,
+            "max_position_embeddings": facts.max_position_embeddings,
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "image_token": assets["image_token"],
+            "bos_token": assets["bos_token"],
+            "eos_token": assets["eos_token"],
+        },
+        "preprocessing": {"image": {k: getattr(spec, k) for k in spec.__dataclass_fields__}},
+        "chat_template": {"file": "chat_template.jinja"} if assets["chat_template"] else None,
+        "generation": {"eos_token_ids": _eos_ids(base, facts)},
+        "build": {"stages": state.stages, "export_dtype": state.dtype,
+                  **({"export_dtype_reason": state.low_memory} if state.low_memory else {})},
+    }
 
-        drop_fp32_originals(tmp, manifest)
-        if prof.backend == "tensorrt":
-            from .engines import plan_engines
 
-            manifest["engines"] = plan_engines(tmp, manifest, prof, log)
-        from .genai import write_genai_files
+def lower_precision(state: BuildState) -> None:
+    prof, manifest = state.prof, state.manifest
+    if not set(prof.precision.values()) - {"fp32"}:
+        return
+    from .precision import lower_parts
 
-        # The same parts open with onnxruntime-genai's C/C++ runtime (og.Model / OgaCreateModel on the directory).
-        manifest["onnxruntime_genai"] = {"files": write_genai_files(tmp, manifest)}
-        if manifest["tasks"] and prof.backend == "onnxruntime":
-            from .genai import write_task_files
+    with stage(state, "lower_precision"):
+        lower_parts(state.tmp, manifest, prof, state.int8_opts, state.calib, state.log, state.stages)
+    smoothing = state.smoothing
+    manifest["precision"] = {
+        "parts": {name: part["precision"] for name, part in state.parts.items()},
+        "int8": dataclasses.asdict(state.int8_opts) if "int8" in prof.precision.values() else None,
+        "smoothquant": {"parts": smoothing["parts"], "alpha": smoothing["alpha"]} if smoothing else None,
+        "calibration_set": str(state.calib) if state.calib else "calib/ (default)",
+    }
 
-            # Bank tasks in ORT-GenAI: vlexport.genai.open_model(bundle, task), or OgaConfigOverlay in C/C++.
-            manifest["onnxruntime_genai"]["tasks"] = write_task_files(tmp, manifest)
-        manifest = write_manifest(tmp, manifest)
-    log(f"bundle written to {out}")
-    return manifest
+
+def verify_parity(state: BuildState) -> None:
+    """The bundle against the PyTorch reference (adapters unmerged). The last step of the INT8 fallback: a part that
+    fails the gate on verify's data ships in FP32, and is verified again."""
+    if not state.verify:
+        return
+    from .parity.verify import verify_directory
+    from .precision import failing_int8_parts, restore_fp32
+
+    tmp, manifest, log = state.tmp, state.manifest, state.log
+
+    def run_verify() -> dict:
+        return verify_directory(tmp, manifest, base=state.base, adapters=state.loaded, tasks=state.tasks,
+                                layers=state.verify_layers, oracle=state.oracle, log=log)
+
+    with stage(state, "verify"):
+        report = run_verify()
+        while not report["passed"] and state.int8_opts.fallback and failing_int8_parts(manifest, report):
+            for part in failing_int8_parts(manifest, report):
+                restore_fp32(tmp, manifest, part, f"INT8 failed the parity gate ({report['summary']})")
+                log(f"{part}: INT8 failed the parity gate ({report['summary']}); shipping it in FP32")
+            manifest["precision"]["parts"] = {name: part["precision"] for name, part in state.parts.items()}
+            report = run_verify()
+    state.report = report
+    (tmp / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest["parity"] = {"report": "parity_report.json", "passed": report["passed"],
+                          "oracle": report.get("oracle", {}).get("mode", "off")}
+    if not report["passed"]:
+        raise ParityError(f"parity check failed: {report['summary']}; the bundle was not written")
+
+
+def shipped_precision(manifest: dict, prof: Target) -> dict:
+    """Per part: the precision the target asked for, the one the bundle ships, and why they differ.
+
+    On TensorRT an FP32 ONNX part asked for in FP16 is not a fallback: TensorRT lowers it when it builds the engine."""
+    out = {}
+    for name, part in manifest["parts"].items():
+        requested, shipped = prof.precision[name], part["precision"]
+        if prof.backend == "tensorrt" and requested == "fp16" and shipped == "fp32":
+            shipped = "fp16"
+        reason = None
+        if shipped != requested:
+            reason = (part.get("lowering") or {}).get("result") or f"exported in {shipped}"
+        out[name] = {"requested": requested, "shipped": shipped, "reason": reason}
+    return out
+
+
+def check_shipped_precision(state: BuildState) -> None:
+    """Say what shipped; with --strict-precision a part that ships above its requested precision fails the build."""
+    state.manifest["build"]["precision"] = shipped = shipped_precision(state.manifest, state.prof)
+    short = {name: p for name, p in shipped.items() if p["reason"]}
+    for name, p in short.items():
+        state.log(f"{name}: requested {p['requested']}, ships {p['shipped']} ({p['reason']})")
+    if short and state.strict_precision:
+        said = "; ".join(f"{name} requested {p['requested']} ships {p['shipped']}" for name, p in short.items())
+        raise ParityError(f"--strict-precision: {said}; the bundle was not written (drop --strict-precision to ship "
+                          "it anyway, or improve the calibration set)")
+
+
+def finish_bundle(state: BuildState) -> None:
+    """Drop the FP32 copies the fallback no longer needs, plan TensorRT engines, write the ORT-GenAI files, seal."""
+    from .genai import write_genai_files, write_task_files
+    from .precision import drop_fp32_originals
+
+    tmp, manifest, prof = state.tmp, state.manifest, state.prof
+    drop_fp32_originals(tmp, manifest)
+    if prof.backend == "tensorrt":
+        from .engines import plan_engines
+
+        manifest["engines"] = plan_engines(tmp, manifest, prof, state.log)
+    # The same parts open with onnxruntime-genai's C/C++ runtime (og.Model / OgaCreateModel on the directory).
+    manifest["onnxruntime_genai"] = {"files": write_genai_files(tmp, manifest)}
+    if manifest["tasks"] and prof.backend == "onnxruntime":
+        # Bank tasks in ORT-GenAI: vlexport.genai.open_model(bundle, task), or OgaConfigOverlay in C/C++.
+        manifest["onnxruntime_genai"]["tasks"] = write_task_files(tmp, manifest)
+    state.manifest = write_manifest(tmp, manifest)
+
+
+STAGES = (load_and_merge, apply_smoothquant, export_parts, export_task_parts, write_assets_and_manifest,
+          lower_precision, verify_parity, check_shipped_precision, finish_bundle)
+
+
+def build(
+    base: str | Path,
+    adapters: list[str | Path] = (),
+    out: str | Path = "bundle",
+    target: str = "cpu",
+    force: bool = False,
+    adapter_kind: str | None = None,
+    verify: bool = True,
+    precision: dict | None = None,
+    int8: str | None = None,
+    calib: str | Path | None = None,
+    verify_layers: int | None = None,
+    oracle: str = "auto",
+    strict_precision: bool = False,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`.
+
+    verify_layers=N verifies only the first N decoder layers (`vlexport verify --layers`); it is chosen (N=2) when
+    the fp32 PyTorch reference would not fit in memory. oracle: auto | fp64 | off (see vlexport/parity/verify.py).
+    strict_precision: fail (exit 1) when a part ships at a higher precision than the target asked for."""
+    state = plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
+                       oracle, strict_precision, log)
+    with atomic_directory(state.out, force, log) as tmp:
+        state.tmp = tmp
+        with track(log, "build", total=len(STAGES)) as advance:
+            for run_stage in STAGES:
+                advance(0, run_stage.__name__.replace("_", " "))
+                run_stage(state)
+                advance(1)
+    log(f"bundle written to {state.out}")
+    return state.manifest
