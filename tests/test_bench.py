@@ -1,9 +1,8 @@
 """`vlexport bench` works end to end (numbers are not asserted: timings belong in bench/results, not in tests)."""
 
-import json
-
 from typer.testing import CliRunner
 
+from test_cli import validate
 from vlexport.cli import app
 
 
@@ -11,7 +10,7 @@ def test_bench_writes_json_markdown_and_plot(full_bundle, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(full_bundle), "--repeats", "2", "--contexts", "8,32", "--json",
                                  "--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")])
     assert r.exit_code == 0, r.output
-    result = json.loads(r.stdout)
+    result = validate("bench", r.stdout)
     metrics = {row["metric"] for row in result["rows"]}
     assert metrics == {"vision_ms", "ttft_ms", "prefill_ms", "decode_ms", "e2e_tokens_per_s", "peak_rss_mb"}
     for row in result["rows"]:
@@ -39,7 +38,7 @@ def test_bench_compare_times_every_bundle_against_one_pytorch_run(tiny_base, ful
     r = CliRunner().invoke(app, ["bench", str(fp32), "--compare", str(int8), "--repeats", "2", "--contexts", "8",
                                  "--json", "--markdown", str(tmp_path / "c.md")])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.stdout)["rows"]
+    rows = validate("bench --compare", r.stdout)["rows"]
     assert {(row["bundle"], row["metric"]) for row in rows} == {
         (b, m) for b in ("fp32", "int8") for m in ("vision_ms", "prefill_ms", "decode_ms")}
     assert {row["precision"] for row in rows if row["bundle"] == "fp32"} == {"fp32"}

@@ -86,6 +86,7 @@ def test_tasks_really_differ_in_genai(tiny_bank, photos):
     assert min(np.abs(a - b).max() for i, a in enumerate(firsts) for b in firsts[i + 1:]) > 1e-2
 
 
+@pytest.mark.slow  # the small fixture (about 4 minutes on 2 cores); the tiny bank above covers the same paths
 def test_small_fixture_with_lora_and_bank_task_in_genai(tmp_path_factory, photos):
     """Issue 8's done criterion: the small (LLaVA-1.5-shaped) fixture with a merged LoRA and bank tasks; og.Model
     gives vlexport run's tokens on a square and a non-square photo."""

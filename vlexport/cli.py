@@ -1,169 +1,411 @@
-"""The vlexport command line. It parses arguments, calls the API and maps errors to exit codes:
-0 success, 1 parity failure, 2 bad input (the message says what to fix)."""
+"""The vlexport command line. It parses arguments, calls the API and maps errors to exit codes (one table for every
+command, README "Command line"): 0 success, 1 a check failed (parity, check-trt, --strict-precision), 2 usage or
+input error (the message says what to fix). With --json, stdout carries only the JSON; logs go to stderr."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
+import math
 import os
+import sys
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .errors import ParityError, VlexportError
+from .fixture import PRESETS
+from .progress import Reporter
+from .target import BACKENDS
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+# The order a user meets the commands in; `vlexport --help` lists them so.
+COMMAND_ORDER = ("fixture", "build", "run", "serve", "verify", "inspect", "bench", "plan", "targets", "engines", "check-trt", "demo")
+
+
+class _HelpFlagMixin:
+    """`--help` is a flag: it takes no value, so it shows no type (typer would render `<bool>`)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Argument(TyperArgument):
+    """An argument whose metavar (BUNDLE, PATH) says what it is shows no type next to it (typer would add `<path>`)."""
+
+    def display_type_rich(self, ctx):
+        return None if self.metavar else super().display_type_rich(ctx)
+
+
+class _Command(_HelpFlagMixin, TyperCommand):
+    # typer has no hook for the class of the arguments it makes, so they are given ours here.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument:
+                param.__class__ = _Argument
+
+
+class _Group(_HelpFlagMixin, TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = list(self.commands)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, cls=_Group,
                   help="Compile LLaVA models and their adapters into bundles that run on ONNX Runtime.")
-fixture_app = typer.Typer(no_args_is_help=True, help="Write small LLaVA models and adapters for tests and demos.")
+fixture_app = typer.Typer(no_args_is_help=True, cls=_Group, help="Write small LLaVA models and adapters for tests and demos.")
 app.add_typer(fixture_app, name="fixture")
+command = functools.partial(app.command, cls=_Command)
+fixture_command = functools.partial(fixture_app.command, cls=_Command)
 console = Console(stderr=True, log_path=False)
 out = Console()
 
+# -- one vocabulary: enumerations and the options several commands share ---------------------------------------------
+Backend = Enum("Backend", {b: b for b in BACKENDS}, type=str)
+FixturePreset = Enum("FixturePreset", {p: p for p in PRESETS}, type=str)
+
+
+class AdapterKind(str, Enum):
+    lora = "lora"
+    bitfit = "bitfit"
+
+
+class Oracle(str, Enum):
+    auto = "auto"
+    fp64 = "fp64"
+    off = "off"
+
+
+def _json_option(what: str):
+    return typer.Option(False, "--json", metavar="",
+                        help=f"Print {what} as JSON on stdout (logs go to stderr); the schema is in the README.")
+
+
+def _quiet_option():
+    return typer.Option(False, "--quiet", "-q", metavar="", help="No log lines or progress bars on stderr (errors still print).")
+
+
+def _threads_option():
+    return typer.Option(None, "--threads", min=1, metavar="N",
+                        help="CPU threads for ONNX Runtime (and PyTorch in bench). Default: every core this process may use.")
+
+
+def _backend_option():
+    return typer.Option(Backend.onnxruntime.value, "--backend",
+                        help="onnxruntime, or tensorrt for engines built on the device.")
+
+
+def _oracle_option():
+    return typer.Option(Oracle.auto.value, "--oracle",
+                        help="Float64 evaluation of the reference that both sides are measured against: auto (when it "
+                             "fits in memory), fp64 (always) or off (fixed limits only).")
+
+
+def _default_threads(threads: int | None) -> int:
+    return threads or len(os.sched_getaffinity(0))
+
+
+# With --json, stdout carries the one JSON document. Anything else that prints while the command works (a library's
+# own messages) is sent to stderr, and the document goes to the stdout saved here.
+_json_stdout: contextvars.ContextVar = contextvars.ContextVar("json_stdout", default=None)
+
 
 def _handle_errors(fn):
+    """VlexportError -> exit 2, ParityError -> exit 1 (or the error's own exit_code), with the message and no traceback.
+    With --json the error also goes to stdout as {"error": message, "exit_code": n}."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        as_json = bool(kwargs.get("as_json"))
+        token = _json_stdout.set(sys.stdout if as_json else None)
         try:
-            return fn(*args, **kwargs)
-        except VlexportError as e:
-            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except ParityError as e:
-            console.print(f"[red]parity failure:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+        except (VlexportError, ParityError) as e:
+            code = getattr(e, "exit_code", 2 if isinstance(e, VlexportError) else 1)
+            label = "error" if isinstance(e, VlexportError) else "parity failure"
+            console.print(f"[red]{label}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            if as_json:
+                _print_json({"error": str(e), "exit_code": code})
+            raise typer.Exit(code) from None
+        finally:
+            _json_stdout.reset(token)
 
     return wrapper
 
 
-def _log(msg: str) -> None:
-    console.log(msg, highlight=False)
+def _finite(value):
+    """NaN and infinity become null: they are not JSON, and jq and most parsers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
-@app.command()
+def _print_json(value) -> None:
+    """The one JSON document of a --json command, on stdout (one line)."""
+    print(json.dumps(_finite(value), allow_nan=False), file=_json_stdout.get() or sys.stdout, flush=True)
+
+
+def _one_output(positional: Optional[Path], output: Optional[Path]) -> Path:
+    """-o/--output, or the older positional form; not both, not neither."""
+    if positional is not None and output is not None and positional != output:
+        raise VlexportError(f"two outputs given ('{positional}' and -o '{output}'); give it once, as -o/--output PATH")
+    if positional is None and output is None:
+        raise VlexportError("missing -o/--output PATH: where to write")
+    return output if output is not None else positional
+
+
+# -- build ----------------------------------------------------------------------------------------------------------
+def _part_bytes(bundle: Path, rel: str) -> int:
+    f = bundle / rel
+    data = f.with_name(f.name + ".data")
+    return (f.stat().st_size if f.exists() else 0) + (data.stat().st_size if data.exists() else 0)
+
+
+def build_summary(bundle: Path, manifest: dict) -> dict:
+    """`vlexport build --json`: what a CI job needs from the manifest (schema in the README)."""
+    parts = {name: {"file": p["file"], "precision": p["precision"], "bytes": _part_bytes(bundle, p["file"])}
+             for name, p in manifest["parts"].items()}
+    tasks = {name: {"pack": t.get("pack"), "bytes": t.get("bytes", 0), "parts_bytes": t.get("parts_bytes", 0),
+                    "adapters": [a["kind"] for a in t.get("adapters", [])]}
+             for name, t in (manifest.get("tasks") or {}).items()}
+    parity = manifest.get("parity")
+    engines = manifest.get("engines")
+    return {
+        "bundle": str(bundle),
+        "target": manifest["target"]["name"],
+        "backend": manifest["target"]["backend"],
+        "parts": parts,
+        "precision": manifest["build"]["precision"],
+        "tasks": tasks,
+        "adapters": [{"kind": a["kind"], "format": a["format"], "path": a["path"], "merged": a["merged"]}
+                     for a in manifest.get("adapters", [])],
+        "total_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
+        "stages": (manifest.get("build") or {}).get("stages", {}),
+        "parity": {"passed": parity["passed"], "report": parity["report"]} if parity else None,
+        "engines": {"status": engines["status"], "reason": engines.get("reason")} if engines else None,
+    }
+
+
+def _downgrades(precision: dict) -> list[str]:
+    return [f"{part} requested {p['requested'].upper()}, shipped {p['shipped'].upper()}"
+            + (f" ({p['reason']})" if p.get("reason") else "")
+            for part, p in precision.items() if p["shipped"] != p["requested"]]
+
+
+@command()
 @_handle_errors
 def build(
-    base: Path = typer.Option(..., "--base", help="Hugging Face LLaVA directory (config.json + safetensors)."),
-    adapter: list[str] = typer.Option([], "--adapter", help="Adapter file or directory, or NAME=PATH for a bank task; repeat for several."),
-    adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="Override detection: lora | bitfit."),
-    target: str = typer.Option("cpu", "--target", help="Target profile name (vlexport targets) or a .toml path."),
-    output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the parity check against PyTorch (default on)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Override the target per part: vision=int8,decoder=fp16."),
-    int8: Optional[str] = typer.Option(None, "--int8", help="Override the target's [int8] options: calibration=entropy,decoder=weight-only,fallback=false,form=qdq,smoothquant_alpha=0.5."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration folder (images + prompts.jsonl); default calib/."),
-    verify_layers: Optional[int] = typer.Option(None, "--verify-layers", help="Verify only the first N decoder layers (chosen, N=2, when the fp32 reference would not fit in memory)."),
+    base: Path = typer.Option(..., "--base", metavar="DIR", help="Hugging Face LLaVA directory (config.json + safetensors)."),
+    adapter: list[str] = typer.Option([], "--adapter", metavar="PATH|NAME=PATH",
+                                      help="Adapter file or directory, or NAME=PATH for a bank task; repeat for several."),
+    adapter_kind: Optional[AdapterKind] = typer.Option(None, "--adapter-kind", help="Override the detected kind of every --adapter."),
+    target: str = typer.Option("cpu", "--target", metavar="NAME|PATH", help="Target profile name (vlexport targets) or a .toml path."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="DIR", help="Bundle directory to write."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing bundle at -o."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", metavar="", help="Run the parity check against PyTorch (default on)."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="PART=PREC,...",
+                                            help="Override the target per part, e.g. vision=int8,decoder=fp16."),
+    int8: Optional[str] = typer.Option(None, "--int8", metavar="KEY=VALUE,...",
+                                       help="Override the target's \\[int8] options, comma-separated, e.g. calibration=entropy,"
+                                            "decoder=weight-only. Keys: calibration, decoder, fallback, form, smoothquant_alpha."),
+    calib: Optional[Path] = typer.Option(None, "--calib", metavar="DIR", help="Calibration folder (images + prompts.jsonl); default calib/."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, metavar="N",
+                                         help="Verify only the first N decoder layers (chosen, N=2, when the fp32 reference would not fit in memory)."),
+    verify_layers: Optional[int] = typer.Option(None, "--verify-layers", min=1, metavar="N", hidden=True,
+                                                help="Deprecated spelling of --layers."),
+    oracle: Oracle = _oracle_option(),
+    strict_precision: bool = typer.Option(False, "--strict-precision", metavar="",
+                                          help="Exit 1 when a part requested in INT8 or FP16 ships in FP32 (fallback)."),
+    as_json: bool = _json_option("the bundle's summary (parts, precision requested vs shipped, tasks, sizes, stage times, parity)"),
+    quiet: bool = _quiet_option(),
 ):
     """Merge adapters into the base, export vision/embed/decoder to ONNX, lower their precision, check them and write a bundle."""
     from .build import build as run_build
     from .target import parse_precision_overrides
 
-    with console.status("building bundle..."):
-        manifest = run_build(base, adapter, output, target=target, force=force, adapter_kind=adapter_kind,
-                             verify=verify, precision=parse_precision_overrides(precision), int8=int8, calib=calib,
-                             verify_layers=verify_layers, log=_log)
-    engines = manifest.get("engines")
-    if engines and engines["status"] == "planned":
-        out.print(f"[yellow]TensorRT engines were not built on this machine[/] ({engines['reason']}). "
-                  f"Build them on the device: `bash {output}/engines/build.sh` or `vlexport engines {output}`.",
-                  highlight=False)
-    parity = manifest.get("parity")
-    note = "parity passed" if parity and parity["passed"] else "parity not checked (--no-verify)"
-    out.print(f"[green]bundle written:[/] {output} ({note})")
+    if verify_layers is not None:
+        if layers is not None and layers != verify_layers:
+            raise VlexportError(f"--layers {layers} and --verify-layers {verify_layers} disagree; give --layers only")
+        console.print("[yellow]--verify-layers is deprecated: use --layers[/]", highlight=False)
+        layers = verify_layers
+    # With --strict-precision, build() itself fails (exit 1) before writing when a part ships above its request.
+    manifest = run_build(base, adapter, output, target=target, force=force,
+                         adapter_kind=AdapterKind(adapter_kind).value if adapter_kind else None, verify=verify,
+                         precision=parse_precision_overrides(precision), int8=int8, calib=calib, verify_layers=layers,
+                         oracle=Oracle(oracle).value, strict_precision=strict_precision, log=Reporter(console, quiet))
+    summary = build_summary(Path(output), manifest)
+    downgrades = _downgrades(summary["precision"])
+    if as_json:
+        _print_json(summary)
+    else:
+        engines = manifest.get("engines")
+        if engines and engines["status"] == "planned":
+            out.print(f"[yellow]TensorRT engines were not built on this machine[/] ({engines['reason']}). "
+                      f"Build them on the device: `bash {output}/engines/build.sh` or `vlexport engines {output}`.",
+                      highlight=False)
+        parity = manifest.get("parity")
+        note = "parity passed" if parity and parity["passed"] else "parity not checked (--no-verify)"
+        shipped = f"; [yellow]{escape('; '.join(downgrades))}[/]" if downgrades else ""
+        out.print(f"[green]bundle written:[/] {escape(str(output))} ({note}){shipped}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+# -- run ------------------------------------------------------------------------------------------------------------
+@command()
 @_handle_errors
 def run(
-    bundle: Path = typer.Argument(..., help="Bundle directory."),
-    image: Path = typer.Option(..., "--image", help="Image file."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Question; the base's chat template is applied."),
-    raw_prompt: Optional[str] = typer.Option(None, "--raw-prompt", help="Prompt used verbatim, with the <image> placeholder."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
-    task: Optional[str] = typer.Option(None, "--task", help="Bank task to answer with (vlexport inspect lists them)."),
-    as_json: bool = typer.Option(False, "--json", help="Print {text, token_ids, timings} as JSON."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
+    image: Path = typer.Option(..., "--image", metavar="PATH", help="Image file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", metavar="QUESTION", help="Question; the base's chat template is applied."),
+    raw_prompt: Optional[str] = typer.Option(None, "--raw-prompt", metavar="PROMPT", help="Prompt used verbatim, with the <image> placeholder."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, metavar="N", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, metavar="T", help="0 = greedy (default); > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, metavar="P", help="Nucleus sampling mass, in (0, 1] (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Sampling seed (with --temperature > 0)."),
+    threads: Optional[int] = _threads_option(),
+    backend: Backend = _backend_option(),
+    task: Optional[str] = typer.Option(None, "--task", metavar="NAME", help="Bank task to answer with (vlexport inspect lists them)."),
+    as_json: bool = _json_option("{text, token_ids, timings}"),
+    quiet: bool = _quiet_option(),
 ):
     """Answer a prompt about an image with a bundle (ONNX Runtime, no torch)."""
     from .runtime import Bundle
 
+    if temperature > 0 and top_p <= 0:
+        raise VlexportError(f"--top-p {top_p} keeps no token to sample from; give a --top-p in (0, 1]")
     if not image.is_file():
         raise VlexportError(f"--image '{image}' does not exist")
-    result = Bundle(bundle, threads=threads, backend=backend).generate(
+    result = Bundle(bundle, threads=_default_threads(threads), backend=Backend(backend).value).generate(
         image, prompt=prompt, raw_prompt=raw_prompt, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, task=task,
     )
     if as_json:
-        print(json.dumps(result.to_dict()))
-    else:
-        out.print(result.text, highlight=False)
+        _print_json(result.to_dict())
+        return
+    out.print(result.text, highlight=False)
+    if not quiet:
         t = result.timings
         console.print(f"[dim]vision {t['vision_ms']:.0f} ms, prefill {t['prefill_ms']:.0f} ms, "
                       f"decode {t['decode_ms_per_token']:.1f} ms/token, {t['new_tokens']} tokens[/]")
 
 
-@app.command()
+# -- serve ----------------------------------------------------------------------------------------------------------
+@command()
+@_handle_errors
+def serve(
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory to serve (its tasks are the models)."),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on (default: loopback only)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, metavar="N", help="TCP port."),
+    max_batch: int = typer.Option(4, "--max-batch", min=1, metavar="N", help="Most requests that share one decode step."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, metavar="N", help="Most requests waiting; beyond it the answer is 429 with Retry-After."),
+    max_image_bytes: int = typer.Option(20_000_000, "--max-image-bytes", min=1, metavar="BYTES", help="Largest image accepted (413 above it)."),
+    max_image_pixels: int = typer.Option(50_000_000, "--max-image-pixels", min=1, metavar="PIXELS", help="Most pixels an image may decode to (a decompression bomb is refused from its header)."),
+    allow_local_images: bool = typer.Option(False, "--allow-local-images", metavar="", help="Accept image_url parts that name a local file (path or file://)."),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", min=1.0, metavar="SECONDS", help="From arrival to the last token; 504 after it."),
+    threads: Optional[int] = _threads_option(),
+    quiet: bool = _quiet_option(),
+):
+    """An OpenAI-compatible chat-completions server over one bundle: /v1/chat/completions, /v1/models, /health, /metrics."""
+    from .serve import serve as run_server
+
+    run_server(bundle, host=host, port=port, max_batch=max_batch, max_queue=max_queue, max_image_bytes=max_image_bytes,
+               allow_local_images=allow_local_images, threads=_default_threads(threads),
+               request_timeout_s=request_timeout, log=Reporter(console, quiet), max_image_pixels=max_image_pixels)
+
+
+# -- verify ---------------------------------------------------------------------------------------------------------
+@command()
 @_handle_errors
 def verify(
-    bundle: Path = typer.Argument(..., help="Bundle directory."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Reference base (default: the one in the manifest)."),
-    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="Reference adapters (default: the manifest's)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder of images + prompts.jsonl (default: built-in photos)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Compare only the first N decoder layers (large models)."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
+    base: Optional[Path] = typer.Option(None, "--base", metavar="DIR", help="Reference base (default: the one in the manifest)."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", metavar="PATH|NAME=PATH",
+                                                help="Reference adapters, as build takes them (NAME=PATH for a task); default: the manifest's."),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="DIR", help="Folder of images + prompts.jsonl (default: built-in photos)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, metavar="N", help="Greedy tokens per case (teacher-forced and free-running)."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, metavar="N", help="Compare only the first N decoder layers (large models)."),
+    backend: Backend = _backend_option(),
+    oracle: Oracle = _oracle_option(),
+    as_json: bool = _json_option("the parity report"),
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="PATH", help="Also write the checks as JUnit XML here."),
+    quiet: bool = _quiet_option(),
 ):
     """Prove a bundle matches the PyTorch model as trained. Exit 0 pass, 1 parity failure, 2 bad input."""
     from .parity.report import render_table, write_junit
     from .parity.verify import verify_bundle
 
-    with console.status("verifying..."):
-        report = verify_bundle(bundle, base=base, adapters=adapter or None, data=data,
-                               max_new_tokens=max_new_tokens, layers=layers, backend=backend, log=_log)
+    report = verify_bundle(bundle, base=base, adapters=adapter or None, data=data, max_new_tokens=max_new_tokens,
+                           layers=layers, backend=Backend(backend).value, log=Reporter(console, quiet),
+                           oracle=Oracle(oracle).value)
     if junit:
         write_junit(report, junit)
     if as_json:
-        print(json.dumps(report))
+        _print_json(report)
     else:
         render_table(report, out)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
-@app.command()
+# -- inspect --------------------------------------------------------------------------------------------------------
+def _io_lines(values: list) -> str:
+    text = "\n".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in values[:4])
+    return text + (f"\n… {len(values) - 4} more" if len(values) > 4 else "")
+
+
+@command()
 @_handle_errors
 def inspect(
-    path: Path = typer.Argument(..., help="A bundle directory or an adapter file/directory."),
-    as_json: bool = typer.Option(False, "--json"),
+    path: Path = typer.Argument(..., metavar="PATH", help="A bundle directory or an adapter file/directory."),
+    verify_files: bool = typer.Option(False, "--verify", metavar="",
+                                      help="Also check every file's sha256 (reads the whole bundle; slow on a 7B)."),
+    as_json: bool = _json_option("the manifest (bundle) or the adapter's description"),
 ):
-    """Describe a bundle (parts, I/O, adapters) or an adapter (kind, format, tensors)."""
+    """Describe a bundle (parts, I/O, adapters, tasks) or an adapter (kind, format, tensors). Reads the manifest only."""
+    from rich.measure import Measurement
     from rich.table import Table
 
     from .bundle import MANIFEST, read_manifest
 
     if (path / MANIFEST).exists():
-        info = read_manifest(path)
+        # Without --verify: the manifest (and what it says about the files) only, so a 13 GB bundle opens at once.
+        info = read_manifest(path, hash_files=verify_files)
         if as_json:
-            print(json.dumps(info))
+            _print_json(info)
             return
-        out.print(f"[bold]bundle[/] {path}  vlexport {info['vlexport_version']}  target {info['target']['name']}")
+        out.print(f"[bold]bundle[/] {path}  vlexport {info['vlexport_version']}  target {info['target']['name']}",
+                  highlight=False, soft_wrap=True)
+        # Part, file and tensor names are typed back: a table when it fits unwrapped, else one block per part.
         table = Table("part", "file", "precision", "inputs", "outputs")
         for name, part in info["parts"].items():
-            fmt = lambda vs: "\n".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in vs[:4]) + (
-                f"\n… {len(vs) - 4} more" if len(vs) > 4 else "")
-            table.add_row(name, part["file"], part["precision"], fmt(part["inputs"]), fmt(part["outputs"]))
-        out.print(table)
+            table.add_row(name, part["file"], part["precision"], _io_lines(part["inputs"]), _io_lines(part["outputs"]))
+        if Measurement.get(out, out.options.update_width(10_000), table).maximum <= out.width:
+            out.print(table)
+        else:
+            for name, part in info["parts"].items():
+                out.print(f"{name}: {part['file']} ({part['precision']})", highlight=False, soft_wrap=True)
+                for label, values in (("in", part["inputs"]), ("out", part["outputs"])):
+                    for line in _io_lines(values).split("\n"):
+                        out.print(f"  {label:<3} {line}", highlight=False, soft_wrap=True)
         for a in info["adapters"]:
-            out.print(f"adapter {a['kind']} ({a['format']}) {a['path']} sha256 {a['sha256'][:12]}… merged={a['merged']}")
+            out.print(f"adapter {a['kind']} ({a['format']}) {a['path']} sha256 {a['sha256'][:12]}… merged={a['merged']}",
+                      highlight=False, soft_wrap=True)
         for name, t in (info.get("tasks") or {}).items():
             kinds = ", ".join(f"{a['kind']} ({a['format']})" for a in t["adapters"])
             slots = ", ".join(t.get("bottleneck_parts", [])) or "none"
@@ -180,31 +422,42 @@ def inspect(
             elif "kept_fp32_op_types" in low:
                 out.print(f"{name}: FP16, {', '.join(low['kept_fp32_op_types'])} in FP32", highlight=False, soft_wrap=True)
         if info.get("parity"):
-            out.print(f"parity: {'passed' if info['parity']['passed'] else 'FAILED'} ({info['parity']['report']})")
+            out.print(f"parity: {'passed' if info['parity']['passed'] else 'FAILED'} ({info['parity']['report']})",
+                      highlight=False)
+        if verify_files:
+            out.print(f"[green]files: {len(info.get('files', {}))} checked against their sha256[/]", highlight=False)
         return
+    if verify_files:
+        raise VlexportError(f"--verify checks a bundle's files, and '{path}' is not a bundle (no {MANIFEST})")
     from .adapters import load_adapter
 
     info = load_adapter(path).describe()
     if as_json:
-        print(json.dumps(info))
+        _print_json(info)
     else:
         for k, v in info.items():
-            out.print(f"{k}: {v}", highlight=False)
+            out.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+# -- bench ----------------------------------------------------------------------------------------------------------
+@command()
 @_handle_errors
 def bench(
-    bundle: Path = typer.Argument(...),
-    threads: int = typer.Option(2, "--threads", help="Threads for both ONNX Runtime and PyTorch."),
-    repeats: int = typer.Option(10, "--repeats"),
-    contexts: str = typer.Option("64,300,1000", "--contexts", help="Decode context lengths."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here."),
-    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write a markdown table here."),
-    rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure peak RSS in fresh processes."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tensorrt for engines built on the device."),
-    compare: list[Path] = typer.Option([], "--compare", help="Other bundles of the same model (e.g. FP16, INT8): per-part latency of all against PyTorch eager, in one run."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
+    threads: Optional[int] = _threads_option(),
+    repeats: int = typer.Option(10, "--repeats", min=1, metavar="N", help="Timed runs per metric (decode: twice as many)."),
+    contexts: str = typer.Option("64,300,1000", "--contexts", metavar="N,N,...", help="Decode context lengths."),
+    as_json: bool = _json_option("the result"),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", metavar="PATH", help="Write a PNG plot here (not with --compare)."),
+    markdown_file: Optional[Path] = typer.Option(None, "--markdown", metavar="PATH", help="Write the markdown table here."),
+    rss: Optional[bool] = typer.Option(None, "--rss/--no-rss", metavar="",
+                                       help="Measure peak RSS in fresh processes (default on; not with --compare)."),
+    backend: Optional[Backend] = typer.Option(None, "--backend",
+                                              help="onnxruntime (default), or tensorrt for engines built on the device (not with --compare)."),
+    compare: list[Path] = typer.Option([], "--compare", metavar="BUNDLE",
+                                       help="Other bundles of the same model (e.g. FP16, INT8): per-part latency of all against "
+                                            "PyTorch eager, in one run; repeat for several."),
+    quiet: bool = _quiet_option(),
 ):
     """Latency and memory of the bundle against PyTorch eager, measured in one run; ratios > 1 favour the bundle."""
     from rich.markdown import Markdown
@@ -215,57 +468,43 @@ def bench(
         ctx = tuple(int(c) for c in contexts.split(","))
     except ValueError:
         raise VlexportError(f"--contexts '{contexts}': expected integers separated by commas, e.g. 64,300,1000") from None
+    if any(c < 1 for c in ctx):
+        raise VlexportError(f"--contexts '{contexts}': every context must be at least 1")
+    log = Reporter(console, quiet)
+    threads = _default_threads(threads)
     if compare:
+        refused = [name for name, given in (("--plot", plot_file is not None), ("--rss/--no-rss", rss is not None),
+                                            ("--backend tensorrt", backend == Backend.tensorrt)) if given]
+        if refused:
+            raise VlexportError(f"{', '.join(refused)} cannot be used with --compare, which times the parts of every bundle "
+                                "on ONNX Runtime (no plot, no peak RSS); drop it, or bench one bundle without --compare")
         from .bench import precision
 
-        with console.status("benchmarking parts..."):
-            result = precision.run_precision_bench([bundle, *compare], threads=threads, contexts=ctx, repeats=repeats, log=_log)
+        result = precision.run_precision_bench([bundle, *compare], threads=threads, contexts=ctx, repeats=repeats, log=log)
         table = precision.markdown(result)
-        if markdown_file:
-            markdown_file.write_text(table)
-        if as_json:
-            print(json.dumps(result))
-        else:
-            out.print(Markdown(table))
-        return
-    with console.status("benchmarking..."):
-        result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss, backend=backend, log=_log)
-    table = markdown(result)
+    else:
+        result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss is not False,
+                           backend=Backend(backend or Backend.onnxruntime).value, log=log)
+        table = markdown(result)
+        if plot_file:
+            plot(result, plot_file)
     if markdown_file:
         markdown_file.write_text(table)
-    if plot_file:
-        plot(result, plot_file)
     if as_json:
-        print(json.dumps(result))
+        _print_json(result)
     else:
         out.print(Markdown(table))
 
 
-@app.command()
-def targets():
-    """List the shipped target profiles (--target NAME, or pass your own .toml)."""
-    from rich.table import Table
-
-    from .target import available_targets, load_target
-
-    table = Table("name", "backend", "device", "sm", "TensorRT", "usable GiB", "GB/s", "DLA", "precision v/e/d")
-    for name in available_targets():
-        t = load_target(name)
-        table.add_row(name, t.backend, t.device, t.compute_capability or "-", ",".join(t.tensorrt_versions) or "-",
-                      f"{t.usable_memory_gb}" if t.usable_memory_gb else "-",
-                      f"{t.memory_bandwidth_gbs:g}" if t.memory_bandwidth_gbs else "-", str(t.dla_cores),
-                      "/".join(t.precision[p] for p in ("vision", "embed", "decoder")))
-    out.print(table)
-
-
-@app.command()
+# -- plan, targets --------------------------------------------------------------------------------------------------
+@command()
 @_handle_errors
 def plan(
-    base: Path = typer.Option(..., "--base", help="LLaVA directory; only config.json is read."),
-    target: str = typer.Option(..., "--target"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Override per part: vision=fp16,decoder=int8."),
-    context: Optional[int] = typer.Option(None, "--context", help="Max context (default: the target's)."),
-    as_json: bool = typer.Option(False, "--json"),
+    base: Path = typer.Option(..., "--base", metavar="DIR", help="LLaVA directory; only config.json is read."),
+    target: str = typer.Option(..., "--target", metavar="NAME|PATH", help="Target profile name (vlexport targets) or a .toml path."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="PART=PREC,...", help="Override per part, e.g. vision=fp16,decoder=int8."),
+    context: Optional[int] = typer.Option(None, "--context", min=1, metavar="N", help="Max context in tokens (default: the target's)."),
+    as_json: bool = _json_option("the memory plan"),
 ):
     """Will the model fit the target's memory? Exit 2 with what would fit if it does not."""
     from rich.table import Table
@@ -278,45 +517,111 @@ def plan(
     prof = load_target(target).with_precision(parse_precision_overrides(precision))
     memory = plan_memory(config, prof, context=context)
     if as_json:
-        print(json.dumps(memory.to_dict()))
-    else:
-        table = Table("item", "GiB", title=f"memory plan: {base} on {prof.name} ({prof.device})")
-        for part, gib in memory.weights_gib.items():
-            table.add_row(f"weights {part} ({memory.precision[part]})", f"{gib:.2f}")
-        table.add_row(f"KV cache (context {memory.context}, batch {memory.batch})", f"{memory.kv_cache_gib:.2f}")
-        table.add_row("activations (peak, estimate)", f"{memory.activations_gib:.2f}")
-        table.add_row("adapter packs", f"{memory.adapters_gib:.2f}")
-        table.add_row("runtime overhead", f"{memory.overhead_gib:.2f}")
-        table.add_row("[bold]total[/]", f"[bold]{memory.total_gib:.2f}[/]")
-        table.add_row("usable on target", "-" if memory.usable_gib is None else f"{memory.usable_gib:.2f}")
-        out.print(table)
+        _print_json(memory.to_dict())
+        if not memory.fits:  # the plan (fits: false) is the JSON; the reason goes to stderr
+            try:
+                check_fits(memory, config, prof)
+            except VlexportError as e:
+                console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+        return
+    table = Table("item", "GiB", title=f"memory plan: {base} on {prof.name} ({prof.device})")
+    for part, gib in memory.weights_gib.items():
+        table.add_row(f"weights {part} ({memory.precision[part]})", f"{gib:.2f}")
+    table.add_row(f"KV cache (context {memory.context}, batch {memory.batch})", f"{memory.kv_cache_gib:.2f}")
+    table.add_row("activations (peak, estimate)", f"{memory.activations_gib:.2f}")
+    table.add_row("adapter packs", f"{memory.adapters_gib:.2f}")
+    table.add_row("runtime overhead", f"{memory.overhead_gib:.2f}")
+    table.add_row("[bold]total[/]", f"[bold]{memory.total_gib:.2f}[/]")
+    table.add_row("usable on target", "-" if memory.usable_gib is None else f"{memory.usable_gib:.2f}")
+    out.print(table)
     check_fits(memory, config, prof)
-    if not as_json:
-        out.print("[green]fits[/]")
+    out.print("[green]fits[/]")
 
 
-@app.command()
+def target_rows() -> list[dict]:
+    """`vlexport targets --json`: one object per shipped profile."""
+    from .target import available_targets, load_target
+
+    rows = []
+    for name in available_targets():
+        t = load_target(name)
+        rows.append({"name": name, "description": t.description, "backend": t.backend, "device": t.device,
+                     "compute_capability": t.compute_capability, "tensorrt_versions": list(t.tensorrt_versions),
+                     "usable_memory_gb": t.usable_memory_gb, "memory_bandwidth_gbs": t.memory_bandwidth_gbs,
+                     "dla_cores": t.dla_cores, "precision": {p: t.precision[p] for p in ("vision", "embed", "decoder")}})
+    return rows
+
+
+def print_targets(rows: list[dict], console_: Console) -> None:
+    """A table when it fits the width unwrapped, else one block per target. Names are typed back as --target, so
+    they are never cut."""
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    table = Table("name", "backend", "device", "sm", "TensorRT", "usable GiB", "GB/s", "DLA", "precision v/e/d")
+    for r in rows:
+        table.add_row(r["name"], r["backend"], r["device"], r["compute_capability"] or "-",
+                      ",".join(r["tensorrt_versions"]) or "-", f"{r['usable_memory_gb']}" if r["usable_memory_gb"] else "-",
+                      f"{r['memory_bandwidth_gbs']:g}" if r["memory_bandwidth_gbs"] else "-", str(r["dla_cores"]),
+                      "/".join(r["precision"].values()))
+    if Measurement.get(console_, console_.options.update_width(10_000), table).maximum <= console_.width:
+        console_.print(table)
+        return
+    for r in rows:
+        console_.print(r["name"], style="bold", highlight=False, soft_wrap=True)
+        facts = [r["backend"], r["device"]]
+        if r["compute_capability"]:
+            facts.append(f"sm {r['compute_capability']}, TensorRT {','.join(r['tensorrt_versions'])}")
+        if r["usable_memory_gb"]:
+            facts.append(f"{r['usable_memory_gb']} GiB usable")
+        if r["memory_bandwidth_gbs"]:
+            facts.append(f"{r['memory_bandwidth_gbs']:g} GB/s")
+        if r["dla_cores"]:
+            facts.append(f"DLA {r['dla_cores']}")
+        facts.append(f"precision vision/embed/decoder {'/'.join(r['precision'].values())}")
+        console_.print("  " + "; ".join(facts), highlight=False)
+
+
+@command()
+@_handle_errors
+def targets(as_json: bool = _json_option("the target profiles")):
+    """List the shipped target profiles (--target NAME, or pass your own .toml)."""
+    rows = target_rows()
+    if as_json:
+        _print_json(rows)
+    else:
+        print_targets(rows, out)
+
+
+# -- TensorRT -------------------------------------------------------------------------------------------------------
+@command()
 @_handle_errors
 def engines(
-    bundle: Path = typer.Argument(...),
-    adopt: bool = typer.Option(False, "--adopt", help="Record engines that engines/build.sh already built."),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory built for a TensorRT target."),
+    adopt: bool = typer.Option(False, "--adopt", metavar="", help="Record engines that engines/build.sh already built."),
+    as_json: bool = _json_option("the manifest's engines entry"),
+    quiet: bool = _quiet_option(),
 ):
     """On the device: build the bundle's TensorRT engines (or adopt trtexec's) and update the manifest."""
     from .engines import build_engines_on_device
 
-    build_engines_on_device(bundle, adopt, _log)
-    out.print(f"[green]engines recorded in {bundle}/manifest.json[/]")
+    manifest = build_engines_on_device(bundle, adopt, Reporter(console, quiet))
+    if as_json:
+        _print_json({"bundle": str(bundle), "engines": manifest["engines"]})
+    else:
+        out.print(f"[green]engines recorded in {bundle}/manifest.json[/]", highlight=False)
 
 
-@app.command("check-trt")
+@command("check-trt")
 @_handle_errors
 def check_trt(
-    bundle: Path = typer.Argument(...),
-    trt_version: str = typer.Option("10.3", "--trt-version", help="TensorRT version whose ONNX import rules apply."),
-    target: Optional[str] = typer.Option(None, "--target", help="Shape ranges from this target (default: the bundle's)."),
-    as_json: bool = typer.Option(False, "--json"),
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
+    trt_version: str = typer.Option("10.3", "--trt-version", metavar="X.Y", help="TensorRT version whose ONNX import rules apply."),
+    target: Optional[str] = typer.Option(None, "--target", metavar="NAME|PATH", help="Shape ranges from this target (default: the bundle's)."),
+    as_json: bool = _json_option("{trt_version, passed, violations}"),
 ):
-    """Check every part against TensorRT's ONNX import rules (ops, dtypes, profiles) without TensorRT. Exit 1 on a violation."""
+    """Check every part against TensorRT's ONNX import rules (ops, dtypes, profiles) without TensorRT. Exit 1 when the check fails."""
     from .bundle import read_manifest
     from .target import Target, load_target
     from .trt.onnx_rules import check_bundle
@@ -326,63 +631,111 @@ def check_trt(
     found = check_bundle(bundle, manifest, trt_version, prof.shapes)
     violations = [v for vs in found.values() for v in vs]
     if as_json:
-        print(json.dumps({"trt_version": trt_version, "passed": not violations,
-                          "violations": [v.__dict__ for v in violations]}))
+        _print_json({"trt_version": trt_version, "passed": not violations, "violations": [v.__dict__ for v in violations]})
     else:
         for part, vs in found.items():
             status = "[green]ok[/]" if not vs else f"[red]{len(vs)} violation(s)[/]"
             out.print(f"{part}: {status}")
             for v in vs:
-                out.print(f"  [{v.rule}] {v.message}", highlight=False)
+                out.print(f"  \\[{v.rule}] {v.message}", highlight=False, soft_wrap=True)
     if violations:
         raise typer.Exit(1)
 
 
-@fixture_app.command("llava")
+# -- fixture --------------------------------------------------------------------------------------------------------
+def _output_option(what: str):
+    return typer.Option(None, "-o", "--output", metavar="PATH", help=f"Where to write {what}.")
+
+
+def _old_output_argument():
+    return typer.Argument(None, metavar="OUT", hidden=True, help="Older positional form of -o/--output.")
+
+
+@fixture_command("llava")
 @_handle_errors
 def fixture_llava(
-    out_dir: Path = typer.Argument(...),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | tiny-gqa | small | small-gqa | 7b-shaped (14 GB of random fp16 weights, written shard by shard)"),
-    seed: int = typer.Option(0, "--seed"),
-    config_only: bool = typer.Option(False, "--config-only", help="Write config.json only (enough for `vlexport plan`)."),
-    outliers: bool = typer.Option(False, "--outliers", help="Inject the activation outliers of trained LLMs (same function, INT8-hostile ranges)."),
+    out_dir: Optional[Path] = _old_output_argument(),
+    output: Optional[Path] = _output_option("the LLaVA directory"),
+    preset: FixturePreset = typer.Option(FixturePreset["tiny"].value, "--preset",
+                                         help="Model size; 7b-shaped writes 14 GB of random fp16 weights, shard by shard."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the random weights."),
+    config_only: bool = typer.Option(False, "--config-only", metavar="", help="Write config.json only (enough for `vlexport plan`)."),
+    outliers: bool = typer.Option(False, "--outliers", metavar="",
+                                  help="Inject the activation outliers of trained LLMs (same function, INT8-hostile ranges)."),
+    weight_scale: float = typer.Option(1.0, "--weight-scale", metavar="F",
+                                                 help="Scale the random weights by F (e.g. 30 on the tiny preset: its PyTorch FP32 logits are then measurably off float64)."),
+    as_json: bool = _json_option("{kind, path, preset}"),
 ):
     """A seeded random LLaVA in the Hugging Face layout."""
     from .fixture import make_llava, write_llava_config
 
+    dest = _one_output(out_dir, output)
+    name = FixturePreset(preset).value
+    if not weight_scale > 0:
+        raise VlexportError(f"--weight-scale {weight_scale}: give a factor above 0, e.g. 30")
     if config_only:
-        write_llava_config(out_dir, preset)
+        if weight_scale != 1.0 or outliers:
+            raise VlexportError("--config-only writes no weights: drop --weight-scale/--outliers, or --config-only")
+        write_llava_config(dest, name)
     else:
-        make_llava(out_dir, preset, seed, outliers=outliers)
-    out.print(f"wrote {preset} LLaVA to {out_dir}")
+        make_llava(dest, name, seed, outliers=outliers, weight_scale=weight_scale)
+    if as_json:
+        _print_json({"kind": "llava", "path": str(dest), "preset": name})
+    else:
+        out.print(f"wrote {name} LLaVA to {dest}", highlight=False)
 
 
-@fixture_app.command("lora")
+@fixture_command("lora")
 @_handle_errors
-def fixture_lora(base: Path = typer.Argument(...), out_dir: Path = typer.Argument(...), seed: int = typer.Option(1, "--seed"),
-                 scale: float = typer.Option(0.1, "--scale", help="Std of A and B: 0.1 (default) makes a LoRA no parity test can miss; 0.02 is a trained LoRA's size.")):
+def fixture_lora(
+    base: Path = typer.Argument(..., metavar="BASE", help="LLaVA directory the LoRA is made for."),
+    out_dir: Optional[Path] = _old_output_argument(),
+    output: Optional[Path] = _output_option("the PEFT adapter directory"),
+    seed: int = typer.Option(1, "--seed", metavar="N", help="Seed of the random A and B."),
+    scale: float = typer.Option(0.1, "--scale", metavar="F",
+                                help="Std of A and B: 0.1 (default) makes a LoRA no parity test can miss; 0.02 is a trained LoRA's size."),
+    as_json: bool = _json_option("{kind, path}"),
+):
     """A PEFT LoRA (vision, projector, language) with non-zero weights for BASE."""
     from .fixture import make_lora
 
-    make_lora(base, out_dir, seed, scale=scale)
-    out.print(f"wrote LoRA adapter to {out_dir}")
+    dest = _one_output(out_dir, output)
+    make_lora(base, dest, seed, scale=scale)
+    if as_json:
+        _print_json({"kind": "lora", "path": str(dest)})
+    else:
+        out.print(f"wrote LoRA adapter to {dest}", highlight=False)
 
 
-@fixture_app.command("bitfit")
+@fixture_command("bitfit")
 @_handle_errors
-def fixture_bitfit(base: Path = typer.Argument(...), out_file: Path = typer.Argument(...), seed: int = typer.Option(2, "--seed")):
+def fixture_bitfit(
+    base: Path = typer.Argument(..., metavar="BASE", help="LLaVA directory the biases are made for."),
+    out_file: Optional[Path] = _old_output_argument(),
+    output: Optional[Path] = _output_option("the .safetensors bias dump"),
+    seed: int = typer.Option(2, "--seed", metavar="N", help="Seed of the random biases."),
+    as_json: bool = _json_option("{kind, path}"),
+):
     """A BitFit bias dump for BASE."""
     from .fixture import make_bitfit
 
-    make_bitfit(base, out_file, seed)
-    out.print(f"wrote BitFit biases to {out_file}")
+    dest = _one_output(out_file, output)
+    make_bitfit(base, dest, seed)
+    if as_json:
+        _print_json({"kind": "bitfit", "path": str(dest)})
+    else:
+        out.print(f"wrote BitFit biases to {dest}", highlight=False)
 
 
-@app.command()
+# -- demo -----------------------------------------------------------------------------------------------------------
+@command()
 @_handle_errors
 def demo(
-    workdir: Path = typer.Option(Path("vlexport-demo"), "--workdir", help="Where the fixture, adapters and bundle go."),
-    preset: str = typer.Option("tiny", "--preset"),
+    output: Path = typer.Option(Path("vlexport-demo"), "-o", "--output", metavar="DIR", help="Where the fixture, adapters and bundle go."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", metavar="DIR", hidden=True, help="Deprecated spelling of -o/--output."),
+    preset: FixturePreset = typer.Option(FixturePreset["tiny"].value, "--preset", help="Size of the LLaVA fixture to make."),
+    as_json: bool = _json_option("{question, image, answer, token_ids, bundle}"),
+    quiet: bool = _quiet_option(),
 ):
     """The whole job on a built-in default: make a small LLaVA and adapters, build a bundle, ask it about a photo."""
     import skimage.data
@@ -390,25 +743,35 @@ def demo(
 
     from .build import build as run_build
     from .fixture import make_bitfit, make_llava, make_lora
+    from .progress import track
     from .runtime import Bundle
 
+    workdir = workdir or output
+    log = Reporter(console, quiet)
     base, lora, bitfit, bundle = workdir / "llava", workdir / "lora", workdir / "bitfit.safetensors", workdir / "bundle"
-    with console.status("making a LLaVA fixture and adapters..."):
+    with track(log, "making a LLaVA fixture and adapters", total=3) as advance:
         if not (base / "config.json").exists():
-            make_llava(base, preset)
+            make_llava(base, FixturePreset(preset).value)
+        advance()
         make_lora(base, lora)
+        advance()
         make_bitfit(base, bitfit)
-    _log(f"base {base}, adapters {lora} (PEFT LoRA) and {bitfit} (BitFit)")
-    with console.status("building bundle (export, checks, parity)..."):
-        run_build(base, [lora, bitfit], bundle, force=True, log=_log)
+        advance()
+    log(f"base {base}, adapters {lora} (PEFT LoRA) and {bitfit} (BitFit)")
+    run_build(base, [lora, bitfit], bundle, force=True, log=log)
     photo = workdir / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(photo)
     question = "What is shown in this image?"
     result = Bundle(bundle).generate(photo, prompt=question, max_new_tokens=24)
-    out.print(f"[bold]Q:[/] {question}  [dim]({photo})[/]")
-    out.print(f"[bold]A:[/] {result.text!r}  [dim](random weights: the words are noise; the tokens match PyTorch exactly)[/]")
+    if as_json:
+        _print_json({"question": question, "image": str(photo), "answer": result.text, "token_ids": result.token_ids,
+                     "bundle": str(bundle)})
+        return
+    out.print(f"[bold]Q:[/] {question}  [dim]({photo})[/]", highlight=False)
+    out.print(f"[bold]A:[/] {result.text!r}  [dim](random weights: the words are noise; the tokens match PyTorch exactly)[/]",
+              highlight=False)
     out.print(f"token ids: {result.token_ids}")
-    out.print(f"bundle: {bundle}  (try: vlexport run {bundle} --image {photo} --prompt \"{question}\" --json)")
+    out.print(f"bundle: {bundle}  (try: vlexport run {bundle} --image {photo} --prompt \"{question}\" --json)", highlight=False)
 
 
 def main() -> None:

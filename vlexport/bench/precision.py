@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import VlexportError
+from ..progress import track
 from .bandwidth import measure_read_bandwidth
 from .latency import BundleSide, TorchSide, prompt_ids, timed
 
@@ -69,13 +70,21 @@ def run_precision_bench(bundle_dirs: list[Path], threads: int = 2, contexts=(64,
                 + [("decode_ms", {"context": c}, decode(c), warmup, 2 * repeats) for c in contexts])
 
     timings = []
-    for side in sides:  # bundles first, PyTorch last: ORT's spinning threads would otherwise slow PyTorch
-        log(f"timing {side.b.path.name}")
-        timings.append([timed(fn, w, r) for _m, _at, fn, w, r in cases(side.vision, side.prefill(ids, feats), side.decode)])
-        time.sleep(1.0)
-    log("timing PyTorch eager")
     torch_cases = cases(theirs.vision, theirs.prefill(embeds), lambda c: theirs.decode(c, rng))
-    torch_t = [timed(fn, w, r) for _m, _at, fn, w, r in torch_cases]
+    with track(log, "bench: parts", total=(len(sides) + 1) * len(torch_cases)) as advance:
+        def time_all(name, side_cases):
+            out = []
+            for metric, where, fn, w, r in side_cases:
+                out.append(timed(fn, w, r))
+                advance(1, " ".join([name, metric, *(f"{k} {v}" for k, v in where.items())]))
+            return out
+
+        for side in sides:  # bundles first, PyTorch last: ORT's spinning threads would otherwise slow PyTorch
+            log(f"timing {side.b.path.name}")
+            timings.append(time_all(side.b.path.name, cases(side.vision, side.prefill(ids, feats), side.decode)))
+            time.sleep(1.0)
+        log("timing PyTorch eager")
+        torch_t = time_all("pytorch", torch_cases)
     bandwidth = measure_read_bandwidth(threads, megabytes=max(64, decoder_bytes(bundles[0].path, first) // 2**20))
     m = first["model"]
     rows = []

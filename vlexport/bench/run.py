@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..progress import track
 from .bandwidth import decode_bytes_per_token, measure_read_bandwidth
 from .latency import BundleSide, TorchSide, prompt_ids, timed
 
@@ -48,6 +49,11 @@ def peak_rss_mb(side: str, bundle: Path, threads: int, backend: str = "onnxrunti
     if done.returncode != 0:
         raise RuntimeError(f"peak-RSS run for {side} failed: {done.stderr[-2000:]}")
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def _where(metric: str, where: dict) -> str:
+    """'decode_ms context 300': the note of a progress step."""
+    return " ".join([metric, *(f"{k} {v}" for k, v in where.items())])
 
 
 def _row(metric: str, bundle_t, torch_t, higher_is_better: bool = False, **extra) -> dict:
@@ -90,10 +96,18 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
     # All bundle timings, then all PyTorch timings: ONNX Runtime's worker threads spin briefly after each run and
     # would steal cores from PyTorch if the two alternated.
     log("timing the bundle")
-    ours_t = [timed(c[2], c[4], c[5]) for c in cases]
+    with track(log, "bench: bundle", total=len(cases)) as advance:
+        ours_t = []
+        for c in cases:
+            ours_t.append(timed(c[2], c[4], c[5]))
+            advance(1, _where(c[0], c[1]))
     time.sleep(1.0)
     log("timing PyTorch")
-    theirs_t = [timed(c[3], c[4], c[5]) for c in cases]
+    with track(log, "bench: PyTorch", total=len(cases)) as advance:
+        theirs_t = []
+        for c in cases:
+            theirs_t.append(timed(c[3], c[4], c[5]))
+            advance(1, _where(c[0], c[1]))
 
     config = json.loads((Path(manifest["base"]["path"]) / "config.json").read_text())
     decoder_params = parameter_counts(config)["decoder"]
@@ -123,19 +137,25 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
     text = bundle.chat_prompt("Describe the image.")
     processor = AutoProcessor.from_pretrained(manifest["base"]["path"])
     tok_b, tok_p = [], []
-    for _ in range(3):
-        t = time.perf_counter()
-        n = len(bundle.generate(image, raw_prompt=text, max_new_tokens=e2e_tokens).token_ids)
-        tok_b.append(n / (time.perf_counter() - t))
-        t = time.perf_counter()
-        n = len(reference_generate(model, processor, image, text, e2e_tokens))
-        tok_p.append(n / (time.perf_counter() - t))
+    with track(log, "bench: end to end", total=3) as advance:
+        for _ in range(3):
+            t = time.perf_counter()
+            n = len(bundle.generate(image, raw_prompt=text, max_new_tokens=e2e_tokens).token_ids)
+            tok_b.append(n / (time.perf_counter() - t))
+            t = time.perf_counter()
+            n = len(reference_generate(model, processor, image, text, e2e_tokens))
+            tok_p.append(n / (time.perf_counter() - t))
+            advance()
     rows.append(_row("e2e_tokens_per_s", float(np.median(tok_b)), float(np.median(tok_p)), higher_is_better=True,
                      new_tokens=e2e_tokens))
     if measure_rss:
         log("peak RSS (fresh processes)")
-        rows.append(_row("peak_rss_mb", peak_rss_mb("bundle", bundle_dir, threads, backend),
-                         peak_rss_mb("pytorch", bundle_dir, threads, backend)))
+        with track(log, "bench: peak RSS", total=2) as advance:
+            ours_rss = peak_rss_mb("bundle", bundle_dir, threads, backend)
+            advance(1, "bundle")
+            theirs_rss = peak_rss_mb("pytorch", bundle_dir, threads, backend)
+            advance(1, "pytorch")
+        rows.append(_row("peak_rss_mb", ours_rss, theirs_rss))
     return {
         "bundle": str(bundle_dir), "target": manifest["target"]["name"], "backend": backend, "threads": threads,
         "repeats": repeats, "machine": machine(), "read_bandwidth_gbs": round(bandwidth / 1e9, 2),
