@@ -198,7 +198,8 @@ def build_summary(bundle: Path, manifest: dict) -> dict:
                      for a in manifest.get("adapters", [])],
         "total_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
         "stages": (manifest.get("build") or {}).get("stages", {}),
-        "parity": {"passed": parity["passed"], "report": parity["report"]} if parity else None,
+        "parity": {"passed": parity["passed"], "report": parity["report"], "oracle": parity.get("oracle", "off"),
+                   "oracle_worst_ratio": parity.get("oracle_worst_ratio")} if parity else None,
         "engines": {"status": engines["status"], "reason": engines.get("reason")} if engines else None,
     }
 
@@ -262,6 +263,8 @@ def build(
                       highlight=False)
         parity = manifest.get("parity")
         note = "parity passed" if parity and parity["passed"] else "parity not checked (--no-verify)"
+        if parity and parity.get("oracle_worst_ratio") is not None:
+            note += f"; against float64 its error is at most {parity['oracle_worst_ratio']:.2g}x PyTorch FP32's own"
         shipped = f"; [yellow]{escape('; '.join(downgrades))}[/]" if downgrades else ""
         out.print(f"[green]bundle written:[/] {escape(str(output))} ({note}){shipped}", highlight=False, soft_wrap=True)
 
@@ -287,8 +290,6 @@ def run(
     """Answer a prompt about an image with a bundle (ONNX Runtime, no torch)."""
     from .runtime import Bundle
 
-    if temperature > 0 and top_p <= 0:
-        raise VlexportError(f"--top-p {top_p} keeps no token to sample from; give a --top-p in (0, 1]")
     if not image.is_file():
         raise VlexportError(f"--image '{image}' does not exist")
     result = Bundle(bundle, threads=_default_threads(threads), backend=Backend(backend).value).generate(
