@@ -311,9 +311,8 @@ def _holder(url, image_url, model="vqa", max_tokens=4000):
     return s, it
 
 
-def test_queue_full_gets_429_and_a_cancelled_stream_frees_its_slot(tight, photo_url):
-    url, _ = tight
-    stream, _ = _holder(url, photo_url)  # holds the only row
+def _queue_behind(url, photo_url):
+    """A second request, sent on a thread, that waits in the queue behind the holder; (thread, {"r": answer})."""
     queued = {}
     t = threading.Thread(target=lambda: queued.update(r=post(url, {"model": "chat", "messages": user(photo_url),
                                                                     "max_tokens": 3})))
@@ -322,6 +321,13 @@ def test_queue_full_gets_429_and_a_cancelled_stream_frees_its_slot(tight, photo_
     while json.loads(get(url, "/health")[1])["queue_depth"] < 1:
         assert time.monotonic() < deadline, "the second request never queued"
         time.sleep(0.02)
+    return t, queued
+
+
+def test_queue_full_gets_429_and_a_cancelled_stream_frees_its_slot(tight, photo_url):
+    url, _ = tight
+    stream, _ = _holder(url, photo_url)  # holds the only row
+    t, queued = _queue_behind(url, photo_url)
     status, headers, answer = post(url, {"model": "chat", "messages": user(photo_url), "max_tokens": 3})
     assert status == 429 and int(headers["Retry-After"]) >= 1 and answer["error"]["code"] == "queue_full"
     cancelled = metric(url, 'vlexport_requests_dropped_total{reason="cancelled"}')
@@ -405,14 +411,7 @@ def test_sigterm_drains_then_stops(tight, photo_url):
     behind it, then exits."""
     url, proc = tight
     stream, it = _holder(url, photo_url, model="caption", max_tokens=3000)  # seconds of decoding
-    queued = {}
-    t = threading.Thread(target=lambda: queued.update(r=post(url, {"model": "chat", "messages": user(photo_url),
-                                                                    "max_tokens": 3})))
-    t.start()
-    deadline = time.monotonic() + 10
-    while json.loads(get(url, "/health")[1])["queue_depth"] < 1:
-        assert time.monotonic() < deadline, "the second request never queued"
-        time.sleep(0.02)
+    t, queued = _queue_behind(url, photo_url)
     proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while True:  # the listening socket closes first
