@@ -288,8 +288,9 @@ def run(
     quiet: bool = _quiet_option(),
 ):
     """Answer a prompt about an image with a bundle (ONNX Runtime, no torch)."""
-    from .runtime import Bundle
+    from .runtime import Bundle, check_sampling
 
+    check_sampling(max_new_tokens, temperature, top_p)  # before anything is opened
     if not image.is_file():
         raise VlexportError(f"--image '{image}' does not exist")
     result = Bundle(bundle, threads=_default_threads(threads), backend=Backend(backend).value).generate(
