@@ -427,7 +427,7 @@ def lower_precision(state: BuildState) -> None:
     from .precision import lower_parts
 
     with stage(state, "lower_precision"):
-        lower_parts(state.tmp, manifest, prof, state.int8_opts, state.calib, state.log, state.stages)
+        lower_parts(state.tmp, manifest, prof, state.int8_opts, state.calib, state.log)
     smoothing = state.smoothing
     manifest["precision"] = {
         "parts": {name: part["precision"] for name, part in state.parts.items()},

@@ -260,8 +260,8 @@ def _calibration_reader(name: str, data):
     return FeedReader(_same_length(feeds) if name == "decoder" else feeds)
 
 
-def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str | Path | None, log: Callable[[str], None],
-                stages: dict) -> None:
+def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str | Path | None,
+                log: Callable[[str], None]) -> None:
     """Lower every part (and task copy) the target wants below FP32, in place in the bundle being written."""
     import onnx
 
@@ -277,7 +277,6 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
         wanted = {name: p for name, p in wanted.items() if p == "int8"}
     if not wanted:
         return
-    t = time.perf_counter()
     data, bundle, fingerprint = None, None, calib_fingerprint(calib)
     if "int8" in wanted.values():
         bundle = Bundle(tmp, manifest=manifest)
@@ -333,7 +332,6 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
             if precision != "int8":
                 _swap(copies[(task, part)], new)
             manifest["tasks"][task]["parts"][part] = new.relative_to(tmp).as_posix()
-    stages["lower_precision"] = {"seconds": time.perf_counter() - t}
 
 
 def failing_int8_parts(manifest: dict, report: dict) -> list[str]:
