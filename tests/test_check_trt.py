@@ -358,8 +358,24 @@ def bundle(tiny_base, tmp_path_factory):
     from vlexport.build import build
 
     out = tmp_path_factory.mktemp("trt") / "bundle"
-    build(tiny_base, [], out, verify=False)
+    # A TensorRT target keeps the portable graph; FP32 keeps the check about graph structure, not precision.
+    build(tiny_base, [], out, target="gpu-ampere", verify=False,
+          precision={"vision": "fp32", "embed": "fp32", "decoder": "fp32"})
     return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_ort_native_part_is_refused_by_its_form(tiny_base, tmp_path):
+    """A cpu bundle's decoder is ONNX Runtime's native form: check-trt says so once, naming the fix."""
+    from vlexport.build import build
+    from vlexport.target import DEFAULT_SHAPES
+
+    out = tmp_path / "cpu"
+    build(tiny_base, [], out, verify=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    found = check_bundle(out, manifest, "10.3", DEFAULT_SHAPES)
+    assert [(v.rule, v.part) for v in found["decoder"]] == [("form", "decoder")]
+    assert "--target" in found["decoder"][0].message
+    assert found["vision"] == [] and found["embed"] == []
 
 
 def test_real_bundle_passes_10_3(bundle):

@@ -63,19 +63,9 @@ def _og_generate(model, bundle: Bundle, image, text: str, max_new: int):
 
 
 def _reference_logits(bundle: Bundle, image, ids: list[int], tokens: list[int]) -> list[np.ndarray]:
-    """vlexport's runtime steps (Bundle.embed/decode_step), teacher-forced on `tokens`: the logits of each step."""
+    """vlexport's runtime steps (Bundle.prefill/step), teacher-forced on `tokens`: the logits of each step."""
     features = bundle.image_features(bundle.pixel_values(image))
-    mask = np.ones((1, len(ids)), np.int64)
-    positions = np.arange(len(ids), dtype=np.int64)[None]
-    embeds = bundle.embed(np.array([ids], np.int64), features)
-    logits, past = bundle.decode_step(embeds, mask, positions, bundle.empty_past())
-    out = [logits[0, -1]]
-    for token in tokens[:-1]:
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        positions = np.array([[mask.shape[1] - 1]], np.int64)
-        logits, past = bundle.decode_step(bundle.embed(np.array([[token]], np.int64), None), mask, positions, past)
-        out.append(logits[0, -1])
-    return out
+    return list(bundle.teacher_forced_logits(ids, features, tokens))
 
 
 def test_genai_config_from_manifest(genai_bundle, og_model):

@@ -23,12 +23,8 @@ def og_generate(model, bundle, image, text, max_new):
 
 def first_logits(bundle, image, text, task):
     """vlexport's prefill logits for the task (what the first token is chosen from)."""
-    ids = np.array([bundle.encode(text)], np.int64)
     features = bundle.image_features(bundle.pixel_values(image), task)
-    n = ids.shape[1]
-    logits, _ = bundle.decode_step(bundle.embed(ids, features, task), np.ones((1, n), np.int64),
-                                   np.arange(n, dtype=np.int64)[None], bundle.empty_past(), task)
-    return logits[0, -1]
+    return bundle.prefill(bundle.encode(text), features, task).logits[0]
 
 
 def bank_bundle(base, tmp, with_prefix: bool, seed=5):

@@ -50,7 +50,7 @@ def test_correct_bundle_passes_with_reports(full_bundle, tmp_path):
 
 def _largest_matrix(initializers):
     candidates = [t for t in initializers if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
-    return max(candidates, key=lambda t: np.prod(t.dims) * (0 if "embed" in t.name or "lm_head" in t.name else 1))
+    return max(candidates, key=lambda t: np.prod(t.dims) * (0 if any(s in t.name for s in ("embed", "lm_head", "rotary")) else 1))
 
 
 def _scale_weight(bundle, part, pick=_largest_matrix, factor=1.01):

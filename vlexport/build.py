@@ -20,11 +20,12 @@ from . import __version__
 from .adapters import MERGEABLE, merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import ParityError, VlexportError
+from .export import ort_native
 from .export.onnx import add_slot_defaults, check_part, export_part, part_specs
 from .model import EXPORT_ATTENTION, check_base_dir, facts_from_config, fingerprint, load_llava
 from .parity.verify import check_first_layers, check_oracle_option
 from .plan import BYTES, check_fits, parameter_counts, plan_memory
-from .precision import Int8Options, int8_options
+from .precision import Int4Options, Int8Options, int4_options, int8_options
 from .progress import track
 from .target import Target, load_target
 from .export.parts import feature_indices
@@ -169,12 +170,16 @@ class BuildState:
     strict_precision: bool
     log: Callable[[str], None]
     stages: dict = field(default_factory=dict)
+    int4_opts: Int4Options = field(default_factory=Int4Options)
+    awq: dict | None = None  # AWQ scales folded into the norms (INT4 decoder), as SmoothQuant's are for INT8
+    prequantized: dict | None = None  # the AutoAWQ checkpoint this base was dequantized from, and the re-quant error
     model: Any = None
     slots: dict = field(default_factory=dict)
     smoothing: dict | None = None
     tmp: Path | None = None
     parts: dict = field(default_factory=dict)
     task_parts: dict = field(default_factory=dict)
+    task_forms: dict = field(default_factory=dict)  # per task with its own decoder: {"decoder": form}
     manifest: dict = field(default_factory=dict)
     report: dict | None = None
 
@@ -196,7 +201,7 @@ def stage(state: BuildState, name: str):
 
 
 def plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
-               oracle, strict_precision, log) -> BuildState:
+               oracle, strict_precision, log, int4=None, lora_alpha=None) -> BuildState:
     """Every check that needs no model: output path, base, target, precisions, calibration data, adapters, memory."""
     base, out = Path(base), Path(out)
     check_output_path(out, force)
@@ -204,22 +209,31 @@ def plan_build(base, adapters, out, target, force, adapter_kind, verify, precisi
     prof = load_target(target).with_precision(precision or {})
     int8_opts = int8_options(prof.int8, int8)
     check_buildable(prof, int8_opts)
+    int4_opts = int4_options(prof.int4, int4)
+    from .precision.int4 import check_int4_buildable
+    from .prequantized import check_prequantized, import_awq
+
+    check_int4_buildable(prof, int4_opts)
+    prequantized = None
+    if check_prequantized(base):  # AutoAWQ GEMM: dequantized into the cache; the build goes on from that copy
+        base, prequantized = import_awq(base, int4_opts.block_for(prof.backend), int4_opts.symmetric, log)
+        config = check_base_dir(base)
     if verify:
         check_oracle_option(oracle)
-    if "int8" in prof.precision.values():
+    if {"int8", "int4"} & set(prof.precision.values()):
         from .precision.calibration import calib_cases
 
         calib_cases(calib)  # a bad calibration folder fails now, not after the export
     facts = facts_from_config(config)
     assets = read_text_assets(base)
-    loaded, tasks = load_bank(adapters, adapter_kind)
+    loaded, tasks = load_bank(adapters, adapter_kind, lora_alpha)
     pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if a.kind not in MERGEABLE)
     # A task with its own merged LoRA/BitFit loads its own copies of the parts that adapter changes.
     counts = parameter_counts(config)
     for task in tasks.values():
         for part in merged_parts([a for a in task if a.kind in MERGEABLE]):
             pack_bytes += counts[part] * BYTES[prof.precision[part]]
-    memory = plan_memory(config, prof, adapter_bytes=pack_bytes)
+    memory = plan_memory(config, prof, adapter_bytes=pack_bytes, int4=int4_opts)
     check_fits(memory, config, prof)
     dtype, low_memory = choose_export_dtype(config, prof)
     if low_memory:
@@ -234,7 +248,7 @@ def plan_build(base, adapters, out, target, force, adapter_kind, verify, precisi
     return BuildState(base=base, out=out, force=force, prof=prof, int8_opts=int8_opts, calib=calib, facts=facts,
                       assets=assets, loaded=loaded, tasks=tasks, memory=memory, dtype=dtype, low_memory=low_memory,
                       verify=verify, verify_layers=verify_layers, oracle=oracle, strict_precision=strict_precision,
-                      log=log)
+                      log=log, int4_opts=int4_opts, prequantized=prequantized)
 
 
 def load_and_merge(state: BuildState) -> None:
@@ -248,6 +262,28 @@ def load_and_merge(state: BuildState) -> None:
         vision_layers = max(feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
         state.slots = slot_geometry(state.tasks, facts, vision_layers, model.config.vision_config.hidden_size)
     state.log(f"merged {len(state.loaded)} adapter(s) into the base in {state.dtype}")
+
+
+def apply_awq(state: BuildState) -> None:
+    """AWQ's activation-aware scales for an INT4 decoder, searched on the calibration set and folded into the norms
+    (precision/awq.py); cached per base, adapters, set and INT4 options."""
+    if state.prof.precision.get("decoder") != "int4" or not state.int4_opts.awq:
+        return
+    from .precision import awq
+
+    with stage(state, "awq"):
+        state.awq = awq.search_cached(state.model, state.base, state.loaded, state.calib, state.assets,
+                                      state.int4_opts.block_for(state.prof.backend), state.int4_opts.symmetric, state.log,
+                                      lm_head_bits=4 if state.int4_opts.lm_head == "int4" else 8,
+                                      int8_activations=state.prof.backend != "tensorrt")
+        n = _apply_awq(state.model, state.awq)
+    state.log(f"AWQ: {n} norm/linear groups in the decoder rescaled (scales searched on the calibration set)")
+
+
+def _apply_awq(model, scales: dict | None) -> int:
+    from .precision import awq
+
+    return awq.fold(model, scales["scales"]) if scales else 0
 
 
 def apply_smoothquant(state: BuildState) -> None:
@@ -352,6 +388,45 @@ def export_parts(state: BuildState) -> None:
             state.parts[spec.name] = {"file": path.name, "precision": exported, **onnx_io(path), "export_check": check}
         state.log(f"exported {spec.name} ({time.perf_counter() - t:.1f}s), ONNX Runtime vs torch max rel. error "
                   f"{check['max_rel_error']:.2e}")
+
+
+def _native_decoder(state: BuildState, model, module, path: Path, label: str) -> dict | None:
+    """ONNX Runtime targets: the decoder at `path` rebuilt in the ORT-native form (export/ort_native.py) from the
+    same merged weights, and checked against torch. Returns that check, or None where the portable graph stays."""
+    if state.prof.backend != "onnxruntime":
+        return None  # TensorRT cannot import the contrib ops
+    reason = ort_native.unsupported_reason(model)
+    if reason:
+        state.log(f"{label}: the portable form ships ({reason})")
+        return None
+    slots = "decoder" in state.slots
+    with track(state.log, f"{label}: ORT-native form", total=2) as advance:
+        ort_native.write_native_decoder(model, path, slots)
+        if slots:
+            add_slot_defaults(path, "decoder", state.slots["decoder"]["layers"], state.slots["decoder"]["dim"])
+        advance(1, "check: ONNX Runtime vs torch")
+        check = ort_native.check_native_decoder(module, path, state.export_rel_tol, slots, label)
+        advance(1, "checked")
+    return check
+
+
+def export_native_forms(state: BuildState) -> None:
+    """The decoder's ORT-native form replaces the portable graph in ONNX Runtime bundles; the manifest records each
+    part's form (parts.NAME.form). Then the merged model is released."""
+    for name, entry in state.parts.items():
+        entry["form"] = "portable"
+    decoder = state.parts.get("decoder")
+    if decoder is not None and state.model is not None:
+        with stage(state, "export_native_decoder"):
+            from .export.parts import DecoderPart
+
+            path = state.tmp / decoder["file"]
+            check = _native_decoder(state, state.model, DecoderPart(state.model, "decoder" in state.slots), path,
+                                    "decoder")
+            if check is not None:
+                decoder.update(form=ort_native.FORM, **onnx_io(path),
+                               export_check={**check, "portable": decoder["export_check"]})
+                state.log(f"decoder: ORT-native form, ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
     state.model = None
     gc.collect()  # a 7B's weights must be gone before verify loads its reference
 
@@ -367,12 +442,16 @@ def export_task_parts(state: BuildState) -> None:
             model = load_llava(state.base, attention=EXPORT_ATTENTION["float32"])
             merge_adapters(model, [*state.loaded, *own], state.log)
             _apply_smoothing(model, state.smoothing)  # the base's channel maxima; the fold is exact for any weights
+            _apply_awq(model, state.awq)
             for spec in part_specs(model, state.facts, frozenset(state.slots)):
                 if spec.name not in wanted:
                     continue
                 path = state.tmp / "tasks" / name / f"{spec.name}.onnx"
                 _export_checked(state, spec, path)
                 state.task_parts.setdefault(name, {})[spec.name] = path.relative_to(state.tmp).as_posix()
+                if spec.name == "decoder":
+                    native = _native_decoder(state, model, spec.module, path, f"task {name}: decoder")
+                    state.task_forms.setdefault(name, {})["decoder"] = ort_native.FORM if native else "portable"
             del model
         state.log(f"task {name}: exported its own merged {', '.join(wanted)} part(s)")
 
@@ -387,7 +466,8 @@ def write_assets_and_manifest(state: BuildState) -> None:
     state.manifest = {
         "vlexport_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava"},
+        "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava",
+                 **({"prequantized": state.prequantized} if state.prequantized else {})},
         "adapters": [a.describe() for a in state.loaded],
         "tasks": write_packs(tmp, state.tasks, facts, state.slots, state.task_parts),
         "slots": state.slots,
@@ -418,6 +498,8 @@ def write_assets_and_manifest(state: BuildState) -> None:
         "build": {"stages": state.stages, "export_dtype": state.dtype,
                   **({"export_dtype_reason": state.low_memory} if state.low_memory else {})},
     }
+    for name, forms in state.task_forms.items():  # a task's own decoder has a form too (runtime: decoder_form)
+        state.manifest["tasks"][name]["forms"] = forms
 
 
 def lower_precision(state: BuildState) -> None:
@@ -427,11 +509,13 @@ def lower_precision(state: BuildState) -> None:
     from .precision import lower_parts
 
     with stage(state, "lower_precision"):
-        lower_parts(state.tmp, manifest, prof, state.int8_opts, state.calib, state.log)
+        lower_parts(state.tmp, manifest, prof, state.int8_opts, state.calib, state.log, int4=state.int4_opts)
     smoothing = state.smoothing
     manifest["precision"] = {
         "parts": {name: part["precision"] for name, part in state.parts.items()},
         "int8": dataclasses.asdict(state.int8_opts) if "int8" in prof.precision.values() else None,
+        "int4": dataclasses.asdict(state.int4_opts) if "int4" in prof.precision.values() else None,
+        "awq": {"parts": ["decoder"], "groups": len(state.awq["scales"])} if state.awq else None,
         "smoothquant": {"parts": smoothing["parts"], "alpha": smoothing["alpha"]} if smoothing else None,
         "calibration_set": str(state.calib) if state.calib else "calib/ (default)",
     }
@@ -453,10 +537,15 @@ def verify_parity(state: BuildState) -> None:
 
     with stage(state, "verify"):
         report = run_verify()
-        while not report["passed"] and state.int8_opts.fallback and failing_int8_parts(manifest, report):
-            for part in failing_int8_parts(manifest, report):
-                restore_fp32(tmp, manifest, part, f"INT8 failed the parity gate ({report['summary']})")
-                log(f"{part}: INT8 failed the parity gate ({report['summary']}); shipping it in FP32")
+        def failing() -> list[str]:
+            enabled = {"int8": state.int8_opts.fallback, "int4": state.int4_opts.fallback}
+            return [p for p in failing_int8_parts(manifest, report) if enabled[manifest["parts"][p]["precision"]]]
+
+        while not report["passed"] and failing():
+            for part in failing():
+                lowered = manifest["parts"][part]["precision"].upper()
+                restore_fp32(tmp, manifest, part, f"{lowered} failed the parity gate ({report['summary']})")
+                log(f"{part}: {lowered} failed the parity gate ({report['summary']}); shipping it in FP32")
             manifest["precision"]["parts"] = {name: part["precision"] for name, part in state.parts.items()}
             report = run_verify()
     state.report = report
@@ -517,7 +606,8 @@ def finish_bundle(state: BuildState) -> None:
     state.manifest = write_manifest(tmp, manifest)
 
 
-STAGES = (load_and_merge, apply_smoothquant, export_parts, export_task_parts, write_assets_and_manifest,
+STAGES = (load_and_merge, apply_smoothquant, apply_awq, export_parts, export_native_forms, export_task_parts,
+          write_assets_and_manifest,
           lower_precision, verify_parity, check_shipped_precision, finish_bundle)
 
 
@@ -531,11 +621,13 @@ def build(
     verify: bool = True,
     precision: dict | None = None,
     int8: str | None = None,
+    int4: str | None = None,
     calib: str | Path | None = None,
     verify_layers: int | None = None,
     oracle: str = "auto",
     strict_precision: bool = False,
     log: Callable[[str], None] = lambda msg: None,
+    lora_alpha: float | None = None,
 ) -> dict:
     """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`.
 
@@ -543,7 +635,7 @@ def build(
     the fp32 PyTorch reference would not fit in memory. oracle: auto | fp64 | off (see vlexport/parity/verify.py).
     strict_precision: fail (exit 1) when a part ships at a higher precision than the target asked for."""
     state = plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
-                       oracle, strict_precision, log)
+                       oracle, strict_precision, log, int4=int4, lora_alpha=lora_alpha)
     with atomic_directory(state.out, force, log) as tmp:
         state.tmp = tmp
         with track(log, "build", total=len(STAGES)) as advance:

@@ -88,6 +88,10 @@ class Oracle(str, Enum):
     off = "off"
 
 
+class Peer(str, Enum):
+    onnxruntime_genai = "onnxruntime-genai"
+
+
 def _json_option(what: str):
     return typer.Option(False, "--json", metavar="",
                         help=f"Print {what} as JSON on stdout (logs go to stderr); the schema is in the README.")
@@ -217,6 +221,9 @@ def build(
     adapter: list[str] = typer.Option([], "--adapter", metavar="PATH|NAME=PATH",
                                       help="Adapter file or directory, or NAME=PATH for a bank task; repeat for several."),
     adapter_kind: Optional[AdapterKind] = typer.Option(None, "--adapter-kind", help="Override the detected kind of every --adapter."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", metavar="ALPHA",
+                                               help="LoRA alpha for single-file LoRAs that do not record it (a bare "
+                                                    "safetensors without metadata, mlx-lm without scale, kohya without alpha keys)."),
     target: str = typer.Option("cpu", "--target", metavar="NAME|PATH", help="Target profile name (vlexport targets) or a .toml path."),
     output: Path = typer.Option(..., "-o", "--output", metavar="DIR", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing bundle at -o."),
@@ -226,6 +233,10 @@ def build(
     int8: Optional[str] = typer.Option(None, "--int8", metavar="KEY=VALUE,...",
                                        help="Override the target's \\[int8] options, comma-separated, e.g. calibration=entropy,"
                                             "decoder=weight-only. Keys: calibration, decoder, fallback, form, smoothquant_alpha."),
+    int4: Optional[str] = typer.Option(None, "--int4", metavar="KEY=VALUE,...",
+                                       help="Override the target's \\[int4] options (INT4 weight-only decoder), e.g. "
+                                            "block_size=64,algo=hqq,lm_head=int4. Keys: block_size (32|64|128), algo "
+                                            "(rtn|hqq|gptq), symmetric, lm_head (int4|int8), keep (int8|fp32), fallback, awq."),
     calib: Optional[Path] = typer.Option(None, "--calib", metavar="DIR", help="Calibration folder (images + prompts.jsonl); default calib/."),
     layers: Optional[int] = typer.Option(None, "--layers", min=1, metavar="N",
                                          help="Verify only the first N decoder layers (chosen, N=2, when the fp32 reference would not fit in memory)."),
@@ -249,8 +260,9 @@ def build(
     # With --strict-precision, build() itself fails (exit 1) before writing when a part ships above its request.
     manifest = run_build(base, adapter, output, target=target, force=force,
                          adapter_kind=AdapterKind(adapter_kind).value if adapter_kind else None, verify=verify,
-                         precision=parse_precision_overrides(precision), int8=int8, calib=calib, verify_layers=layers,
-                         oracle=Oracle(oracle).value, strict_precision=strict_precision, log=Reporter(console, quiet))
+                         precision=parse_precision_overrides(precision), int8=int8, int4=int4, calib=calib, verify_layers=layers,
+                         oracle=Oracle(oracle).value, strict_precision=strict_precision, log=Reporter(console, quiet),
+                         lora_alpha=lora_alpha)
     summary = build_summary(Path(output), manifest)
     downgrades = _downgrades(summary["precision"])
     if as_json:
@@ -378,6 +390,8 @@ def inspect(
     verify_files: bool = typer.Option(False, "--verify", metavar="",
                                       help="Also check every file's sha256 (reads the whole bundle; slow on a 7B)."),
     as_json: bool = _json_option("the manifest (bundle) or the adapter's description"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", metavar="ALPHA",
+                                               help="LoRA alpha for a single-file LoRA that does not record it (as for build)."),
 ):
     """Describe a bundle (parts, I/O, adapters, tasks) or an adapter (kind, format, tensors). Reads the manifest only."""
     from rich.measure import Measurement
@@ -416,7 +430,15 @@ def inspect(
                       f"bottleneck slots: {slots}", highlight=False, soft_wrap=True)
         for name, part in info["parts"].items():
             low = part.get("lowering") or {}
-            if "products_total" in low:
+            if "keep_precision" in low:  # INT4: products the fallback kept, by name, at the precision each kept
+                kept = ", ".join(f"{k['module']} ({k['precision'].upper()}, {k['emulated_rel_error']:.2g})"
+                                 for k in low["kept"]) or "none"
+                out.print(f"{name}: INT4 {low['form']} ({low['algo']}, block {low['block_size']}, "
+                          f"{'symmetric' if low['symmetric'] else 'zero points'}{', AWQ' if low.get('awq') else ''}, "
+                          f"lm_head {low['lm_head'].upper()}), {low['products_quantized']} of {low['products_total']} "
+                          f"products INT4; kept: {kept}" + (f"; {low['result']}" if "result" in low else ""),
+                          highlight=False, soft_wrap=True)
+            elif "products_total" in low:
                 kept = ", ".join(f"{k['module']} ({k['emulated_rel_error']:.2g})" for k in low["kept_fp32"]) or "none"
                 out.print(f"{name}: INT8 {low['form']}, {low['products_quantized']} of {low['products_total']} products "
                           f"quantized; kept in FP32: {kept}" + (f"; {low['result']}" if "result" in low else ""),
@@ -433,7 +455,7 @@ def inspect(
         raise VlexportError(f"--verify checks a bundle's files, and '{path}' is not a bundle (no {MANIFEST})")
     from .adapters import load_adapter
 
-    info = load_adapter(path).describe()
+    info = load_adapter(path, lora_alpha=lora_alpha).describe()
     if as_json:
         _print_json(info)
     else:
@@ -459,6 +481,10 @@ def bench(
     compare: list[Path] = typer.Option([], "--compare", metavar="BUNDLE",
                                        help="Other bundles of the same model (e.g. FP16, INT8): per-part latency of all against "
                                             "PyTorch eager, in one run; repeat for several."),
+    peer: Optional[Peer] = typer.Option(None, "--peer",
+                                        help="Also build onnxruntime-genai's model builder decoder from the bundle's merged "
+                                             "weights at its precision, and time it against the bundle in the same run "
+                                             "(not with --compare or --backend tensorrt)."),
     quiet: bool = _quiet_option(),
 ):
     """Latency and memory of the bundle against PyTorch eager, measured in one run; ratios > 1 favour the bundle."""
@@ -476,7 +502,8 @@ def bench(
     threads = _default_threads(threads)
     if compare:
         refused = [name for name, given in (("--plot", plot_file is not None), ("--rss/--no-rss", rss is not None),
-                                            ("--backend tensorrt", backend == Backend.tensorrt)) if given]
+                                            ("--backend tensorrt", backend == Backend.tensorrt),
+                                            ("--peer", peer is not None)) if given]
         if refused:
             raise VlexportError(f"{', '.join(refused)} cannot be used with --compare, which times the parts of every bundle "
                                 "on ONNX Runtime (no plot, no peak RSS); drop it, or bench one bundle without --compare")
@@ -485,8 +512,12 @@ def bench(
         result = precision.run_precision_bench([bundle, *compare], threads=threads, contexts=ctx, repeats=repeats, log=log)
         table = precision.markdown(result)
     else:
+        if peer is not None and backend == Backend.tensorrt:
+            raise VlexportError("--peer times onnxruntime-genai on the CPU against the bundle on ONNX Runtime; drop "
+                                "--backend tensorrt to use it")
         result = run_bench(bundle, threads=threads, contexts=ctx, repeats=repeats, measure_rss=rss is not False,
-                           backend=Backend(backend or Backend.onnxruntime).value, log=log)
+                           backend=Backend(backend or Backend.onnxruntime).value,
+                           peer=Peer(peer).value if peer is not None else None, log=log)
         table = markdown(result)
         if plot_file:
             plot(result, plot_file)

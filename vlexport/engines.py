@@ -32,10 +32,10 @@ def device_mismatch(target: Target) -> str | None:
 
 
 def _engine_precision(onnx_precision: str, wanted: str) -> str:
-    """INT8 engines only from a Q/DQ part: a part left in FP32 (INT8 failed its gate) builds as FP16 instead."""
-    if onnx_precision == "int8":
-        return "int8"
-    return "fp16" if wanted == "int8" else wanted
+    """INT8/INT4 engines only from a Q/DQ part: a part left in FP32 (its gate failed) builds as FP16 instead."""
+    if onnx_precision in ("int8", "int4"):
+        return onnx_precision
+    return "fp16" if wanted in ("int8", "int4") else wanted
 
 
 def engine_parts(manifest: dict, target: Target) -> dict:

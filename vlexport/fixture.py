@@ -532,3 +532,63 @@ def make_adapterhub_prefix(base_dir: str | Path, out_dir: str | Path, prefix_len
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     torch.save(state, out / "pytorch_adapter.bin")
     return out
+
+
+# PEFT's other mergeable methods: per type, the options that fit the tiny presets' widths (32 in CLIP, 64 in Llama)
+# and give every targeted layer a non-trivial adapter. IA3 scales the input of the feed-forward layers listed.
+PEFT_METHOD_OPTIONS = {
+    "ADALORA": {"init_r": 6, "target_r": 4, "total_step": 10},
+    "VERA": {"r": 8},
+    "IA3": {"feedforward_modules": r".*(down_proj|fc1|linear_2)"},
+    "LOHA": {"r": 4, "alpha": 6},
+    "LOKR": {"r": 4, "alpha": 6},
+    "OFT": {"r": 0, "oft_block_size": 8},
+    "BOFT": {"boft_block_size": 4},
+    "FOURIERFT": {"n_frequency": 50},
+    "C3A": {"block_size": 16},
+    "HRA": {"r": 4},
+    "RANDLORA": {"r": 8},
+    "MISS": {"r": 4},
+    "SHIRA": {"r": 4},
+    "VBLORA": {"num_vectors": 16, "vector_length": 8},
+    "ROAD": {"group_size": 16},
+    "DELORA": {"r": 4},
+    "GLORA": {"r": 4},
+    "GRALORA": {"r": 8},
+    "HIRA": {"r": 4},
+    "PVERA": {"r": 8},
+    "WAVEFT": {"n_frequency": 50},
+    "TINYLORA": {},
+}
+
+
+def make_peft_adapter(base_dir: str | Path, out_dir: str | Path, peft_type: str, seed: int = 1, scale: float = 0.1,
+                      **options) -> Path:
+    """An adapter of any PEFT type in PEFT_METHOD_OPTIONS, made with PEFT itself over the vision tower, projector
+    and language model (LORA_TARGETS), with trained-looking values: every trainable tensor moves by N(0, scale^2)
+    from PEFT's init (which is an identity for most methods: zero deltas, unit IA3 scales, identity rotations).
+    AdaLoRA gets a final rank allocation (rank_pattern) that drops ranks unevenly, as its RankAllocator does."""
+    import torch
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from transformers import LlavaForConditionalGeneration
+
+    kw = {"target_modules": LORA_TARGETS, **PEFT_METHOD_OPTIONS.get(peft_type, {}), **options}
+    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(model, PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    if peft_type == "ADALORA":
+        config = peft_model.peft_config["default"]
+        pattern = {}
+        for i, (name, p) in enumerate(n for n in peft_model.base_model.model.named_parameters() if "lora_E.default" in n[0]):
+            keep = [j % 3 != 1 or i % 2 == 0 for j in range(p.shape[0])]  # some modules keep all ranks, others 2/3
+            pattern[name] = keep
+            with torch.no_grad():
+                p.mul_(torch.tensor(keep, dtype=p.dtype).view(-1, 1))  # what the allocator's mask does to lora_E
+        config.rank_pattern = pattern
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)

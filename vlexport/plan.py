@@ -1,7 +1,9 @@
 """Memory planner: will this model fit the target? Works from config.json alone (no weights needed).
 
-Counts, per part and precision: weights (exactly, from the architecture), the KV cache at the target's max context
-and batch, peak activations (prefill logits, attention scores and MLP intermediates, or the vision tower, whichever
+Counts, per part and precision: weights (exactly, from the architecture; INT4 with its block scales and zero points,
+lm_head at its own precision), times what the backend holds per weight byte (the target's measured [memory]
+factors: ONNX Runtime CPU holds FP16 weights about 2.5 times), the KV cache at the target's max context and batch,
+peak activations (the last position's logits, attention scores and MLP intermediates, or the vision tower, whichever
 is larger), adapter packs, and the runtime's fixed overhead; compares the total with the target's usable memory.
 """
 
@@ -76,20 +78,42 @@ class MemoryPlan:
         }
 
 
+def int4_bytes_per_weight(block: int, symmetric: bool, scale_bytes: float) -> float:
+    """INT4 weight-only: half a byte per weight, plus one scale (and a 4-bit zero point) per block."""
+    return 0.5 + scale_bytes / block + (0.0 if symmetric else 0.5 / block)
+
+
+def weight_bytes(config: dict, target: Target, precision: dict, int4=None) -> dict[str, float]:
+    """Bytes of each part's weights as the backend holds them (the target's [memory] factor applied)."""
+    from .precision.int4 import int4_options
+
+    counts = parameter_counts(config)
+    out = {part: counts[part] * BYTES[precision[part]] for part in counts}
+    if precision["decoder"] == "int4":
+        opts = int4 or int4_options(target.int4)
+        tensorrt = target.backend == "tensorrt"
+        # ONNX Runtime keeps the FP32 graph's scales (4 bytes); TensorRT builds FP16 engines (2-byte scales).
+        per = int4_bytes_per_weight(opts.block_for(target.backend), opts.symmetric, 2.0 if tensorrt else 4.0)
+        lm_head = facts_from_config(config).vocab_size * facts_from_config(config).hidden_size
+        head = {"int4": per, "int8": 2.0 if tensorrt else 1.0 + 4.0 / 32}[opts.lm_head]  # TensorRT: an INT8 lm_head stays FP16
+        out["decoder"] = (counts["decoder"] - lm_head) * per + lm_head * head
+    return {part: b * target.resident_factor(precision[part]) for part, b in out.items()}
+
+
 def plan_memory(config: dict, target: Target, precision: dict | None = None, context: int | None = None,
-                adapter_bytes: int = 0) -> MemoryPlan:
+                adapter_bytes: int = 0, int4=None) -> MemoryPlan:
     precision = precision or target.precision
     facts = facts_from_config(config)
-    counts = parameter_counts(config)
-    weights = {part: counts[part] * BYTES[precision[part]] / GIB for part in counts}
+    weights = {part: b / GIB for part, b in weight_bytes(config, target, precision, int4).items()}
     batch = target.shapes["batch"][2]
     context = context or target.shapes["context"]
     prompt = min(target.shapes["prompt_tokens"][2], context)
     act_bytes = 2.0 if precision["decoder"] != "fp32" else 4.0  # KV and activations stay FP16 under INT8 weights
     kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * context * batch * act_bytes / GIB
     it = config["text_config"]["intermediate_size"]
-    # Prefill peak: fp32 logits for every prompt position, one layer's attention scores, MLP intermediates.
-    prefill = batch * (prompt * facts.vocab_size * 4 + facts.num_heads * prompt * prompt * act_bytes
+    # Prefill peak: fp32 logits of the last position (the decoder outputs no others), one layer's attention scores,
+    # MLP intermediates.
+    prefill = batch * (facts.vocab_size * 4 + facts.num_heads * prompt * prompt * act_bytes
                        + 4 * prompt * max(it, facts.hidden_size) * act_bytes)
     v = config["vision_config"]
     images = batch * target.shapes["images"][2]
@@ -102,6 +126,10 @@ def plan_memory(config: dict, target: Target, precision: dict | None = None, con
         overhead_gib=target.runtime_overhead_gb, usable_gib=target.usable_memory_gb, context=context, batch=batch,
     )
     plan.notes.append("weights counted exactly from the architecture; activations are an upper estimate")
+    factors = {p: target.resident_factor(p) for p in set(precision.values()) if target.resident_factor(p) != 1.0}
+    if factors:
+        plan.notes.append("weights include what the backend holds per weight byte, measured for this target: "
+                          + ", ".join(f"{p} {f:g}x" for p, f in sorted(factors.items())))
     return plan
 
 
@@ -112,7 +140,7 @@ def alternatives(config: dict, target: Target) -> list[str]:
     for label, prec in (
         ("fp16 everywhere", {"vision": "fp16", "embed": "fp16", "decoder": "fp16"}),
         ("int8 decoder and embed, fp16 vision", {"vision": "fp16", "embed": "int8", "decoder": "int8"}),
-        ("int4 weight-only decoder and embed (not built by vlexport yet)", {"vision": "fp16", "embed": "int4", "decoder": "int4"}),
+        ("int4 weight-only decoder, fp16 vision and embed", {"vision": "fp16", "embed": "fp16", "decoder": "int4"}),
     ):
         for ctx in contexts:
             if ctx > target.shapes["context"] or ctx < target.shapes["prompt_tokens"][0]:

@@ -56,6 +56,152 @@ def render_chat_prompt(template: str, prompt: str, bos_token: str | None, eos_to
     return render_chat_template(template, messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
 
 
+class KvState:
+    """The decoder's cache for the rows of one batch, and what each row needs for its next step.
+
+    Every row runs the same decoder graph with the same fed weights (one decoder group, Bundle.decoder_group): `task`
+    is the task whose graph and slot weights the steps use; `tasks` keeps each row's own task. Portable form: past
+    [rows, kv, T, hd] left-padded, `mask` 0 on the padding. ORT-native form: a SharedKvBuffer (backends/ort_kv.py)
+    of fixed rows and capacity, written in place; `slots` maps each row to its buffer row."""
+
+    def __init__(self, group: str, form: str, task: str | None):
+        self.group, self.form, self.task = group, form, task
+        self.tasks: list[str | None] = []
+        self.positions = np.zeros(0, np.int64)  # position of the next token fed, per row
+        self.logits: np.ndarray | None = None  # [rows, vocab]: the latest logits of each row
+        self.past: dict[str, np.ndarray] = {}
+        self.mask = np.zeros((0, 0), np.int64)
+        self.buffer = None
+        self.slots: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens held per row, prefix included."""
+        if self.form == "ort-native":
+            return self.buffer.lengths[self.slots].copy()
+        return self.mask.sum(axis=1)
+
+    # -- portable ---------------------------------------------------------------------------------------------
+    def add_portable_row(self, past: dict, mask: np.ndarray) -> None:
+        """A prefilled row joins: the shorter caches are left-padded with zero columns, masked out (the decoder's
+        additive mask is finfo.min there, whose exp is 0), so padding adds exactly nothing."""
+        mask = mask[None]
+        if not self.rows:
+            self.past, self.mask = past, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.past = {k: np.concatenate([_left_pad(self.past[k], width), _left_pad(v, width)], axis=0)
+                     for k, v in past.items()}
+        self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
+
+    # -- ORT-native -------------------------------------------------------------------------------------------
+    def open_buffer(self, bundle: "Bundle", task, rows: int, capacity: int) -> None:
+        from .backends.ort_kv import SharedKvBuffer
+
+        session = bundle.runner("decoder", task).session
+        self.buffer = SharedKvBuffer(session, bundle.num_layers, bundle.num_kv_heads, bundle.head_dim, rows, capacity)
+
+    def _free_slot(self) -> int:
+        free = [r for r in range(self.buffer.lengths.shape[0]) if r not in self.slots]
+        if not free:
+            raise VlexportError(f"the batch's KV buffer holds {len(self.slots)} rows and all are in use")
+        return free[0]
+
+    def native_prefill(self, bundle: "Bundle", task, pack, n_prefix: int, embeds, positions, chunk) -> np.ndarray:
+        row = self._free_slot()
+        self.reserve(n_prefix + embeds.shape[1])
+        if pack is not None:
+            self.buffer.fill_prefix(row, pack)
+        else:
+            self.buffer.clear(row)
+        feed = bundle.slot_feed("decoder", task)
+        n = embeds.shape[1]
+        chunk = chunk or n
+        for start in range(0, n, chunk):
+            logits = self.buffer.prefill(row, embeds[:, start:start + chunk], positions[:, start:start + chunk], feed)
+        self.slots.append(row)
+        return logits
+
+    def native_step(self, bundle: "Bundle", task, embeds, positions) -> np.ndarray:
+        total = self.buffer.lengths.shape[0]
+        self.reserve(int(self.lengths.max()) + 1)
+        if self.slots == list(range(total)):
+            full_embeds, full_pos, active = embeds, positions, None
+        else:  # buffer rows no request holds run too (one graph run for the batch), masked out by `active`
+            full_embeds = np.zeros((total, 1, embeds.shape[2]), np.float32)
+            full_pos = np.zeros((total, 1), np.int64)
+            full_embeds[self.slots], full_pos[self.slots] = embeds, positions
+            active = np.zeros(total, bool)
+            active[self.slots] = True
+        logits = self.buffer.step(full_embeds, full_pos, bundle.slot_feed("decoder", task), active)
+        return logits[self.slots, -1]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` tokens per row: past the buffer's capacity, a buffer twice as large (or as large as
+        needed) takes the rows, each copied once, so a growing row costs amortised O(1) copies per token."""
+        old = self.buffer
+        if length <= old.capacity:
+            return
+        from .backends.ort_kv import SharedKvBuffer
+
+        kv, hd = old.arrays[0].shape[1], old.arrays[0].shape[3]
+        self.buffer = SharedKvBuffer(old.session, old.num_layers, kv, hd, old.rows, max(length, 2 * old.capacity))
+        for row in self.slots:
+            if old.lengths[row]:
+                self.buffer.fill_prefix(row, old.row_cache(row))
+
+    # -- both -------------------------------------------------------------------------------------------------
+    def keep(self, keep: list[int]) -> None:
+        """Only these rows (indices into the batch) stay; the others leave and free their cache."""
+        if len(keep) == self.rows:
+            return
+        self.tasks = [self.tasks[i] for i in keep]
+        self.positions = self.positions[keep]
+        self.logits = self.logits[keep] if self.logits is not None else None
+        if self.form == "ort-native":
+            for i, row in enumerate(self.slots):
+                if i not in keep:
+                    self.buffer.clear(row)
+            self.slots = [self.slots[i] for i in keep]
+            return
+        if not keep:
+            self.past, self.mask = {}, np.zeros((0, 0), np.int64)
+            return
+        idx = np.array(keep)
+        mask = self.mask[idx]
+        used = np.flatnonzero(mask.any(axis=0))
+        start = int(used[0]) if used.size else mask.shape[1]  # columns no row uses any more are trimmed
+        self.mask = np.ascontiguousarray(mask[:, start:])
+        self.past = {k: np.ascontiguousarray(v[idx][:, :, start:]) for k, v in self.past.items()}
+
+    def rewind(self, steps: int) -> None:
+        """Forget the last `steps` tokens of every row (each row must have taken that many steps)."""
+        if steps <= 0:
+            return
+        self.positions = self.positions - steps
+        if self.form == "ort-native":
+            self.buffer.lengths[self.slots] -= steps
+        else:
+            self.mask = self.mask[:, :-steps]
+            self.past = {k: v[:, :, :-steps] for k, v in self.past.items()}
+
+
+def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
+    n = width - a.shape[2]
+    if n == 0:
+        return a
+    return np.concatenate([np.zeros((*a.shape[:2], n, a.shape[3]), a.dtype), a], axis=2)
+
+
+def _left_pad_mask(m: np.ndarray, width: int) -> np.ndarray:
+    n = width - m.shape[1]
+    return m if n == 0 else np.concatenate([np.zeros((m.shape[0], n), m.dtype), m], axis=1)
+
+
 class Bundle:
     """A loaded bundle. `generate` answers one question about one image."""
 
@@ -103,6 +249,9 @@ class Bundle:
         self.slots = m.get("slots") or {}
         self._no_adapter = {part: empty_feed(part, spec["layers"], spec["dim"]) for part, spec in self.slots.items()}
         self.max_position_embeddings = model.get("max_position_embeddings")
+        # Prefill in chunks of this many tokens (None: the whole prompt in one decoder run, which measured faster;
+        # see bench/results/2026-12-02-epyc-2core/prefill-chunks.md).
+        self.prefill_chunk: int | None = None
         self.context = ((m.get("target") or {}).get("shapes") or {}).get("context")
         self.max_prompt_tokens = None
         if backend == "tensorrt":  # engine profiles end at the target's largest prompt
@@ -182,7 +331,7 @@ class Bundle:
         pack = self._packs.get(task, {}) if task is not None else {}
         return {name: pack.get(name, empty) for name, empty in self._no_adapter[part].items()}
 
-    # -- generation -------------------------------------------------------------------------------------------
+    # -- the KV loop: the only place that feeds the decoder ---------------------------------------------------
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return {
@@ -190,29 +339,118 @@ class Bundle:
             for i in range(self.num_layers) for kv in ("key", "value")
         }
 
-    def initial_state(self, task: str | None = None, batch: int = 1) -> tuple[dict, int, int]:
-        """(past key/values to start from, prefix length, position of the first real token) for a task."""
+    def prefix(self, task: str | None) -> tuple[dict | None, int, int]:
+        """(prefix keys/values [kv, P, hd] per past name or None, prefix length P, position of the first real token)."""
         task = self.resolve_task(task)
         info = self.tasks.get(task) if task is not None else None
         if not info or not info.get("prefix_tokens"):
-            return self.empty_past(batch), 0, 0
+            return None, 0, 0
         pack = self._packs[task]
-        past = {k: np.ascontiguousarray(np.broadcast_to(pack[k][None], (batch, *pack[k].shape))) for k in self.empty_past()}
-        return past, info["prefix_tokens"], info["position_offset"]
+        return {k: pack[k] for k in self.empty_past()}, int(info["prefix_tokens"]), int(info["position_offset"])
+
+    def decoder_group(self, task: str | None) -> str:
+        """Tasks with the same key run the decoder alike (same graph, same fed weights), so their rows may share one
+        decode step. Only prefix tasks add nothing but KV entries and positions, which are per row; any other kind
+        (bottleneck slot weights in the decoder) or a task's own merged parts gets a key of its own."""
+        task = self.resolve_task(task)
+        info = (self.tasks.get(task) or {}) if task is not None else {}
+        kinds = {a.get("kind") for a in info.get("adapters", [])}
+        return "" if not info.get("parts") and kinds <= {"prefix"} else f"task:{task}"
+
+    def decoder_form(self, task: str | None = None) -> str:
+        """"ort-native" (fused attention over a shared KV buffer, ONNX Runtime only) or "portable" (past -> present
+        concatenated; TensorRT engines and bundles built before the form existed)."""
+        if self.backend != "onnxruntime":
+            return "portable"
+        task = self.resolve_task(task)
+        info = (self.tasks.get(task) or {}) if task is not None else {}
+        if "decoder" in (info.get("parts") or {}):
+            return (info.get("forms") or {}).get("decoder", "portable")
+        return self.manifest["parts"]["decoder"].get("form", "portable")
 
     def embed(self, ids: np.ndarray, features: np.ndarray | None, task: str | None = None) -> np.ndarray:
         if features is None:
             features = np.zeros((0, self.hidden_size), np.float32)
         return self.runner("embed", task).infer({"input_ids": ids, "image_features": features})["inputs_embeds"]
 
-    def decode_step(self, embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict,
-                    task: str | None = None):
+    def prefill(self, ids, features: np.ndarray | None = None, task: str | None = None,
+                into: "KvState | None" = None, capacity: int | None = None, rows: int = 1) -> "KvState":
+        """Run the decoder over a prompt (token ids, image tokens included) from the task's prefix; the row's
+        first logits are the state's `logits[-1]`. `into` adds the row to a running batch (same decoder group)
+        and returns that state; otherwise a new state is made, with room for `rows` rows of up to `capacity` tokens
+        (prefix included) where the decoder form preallocates its cache (default: the prompt plus 256)."""
+        task = self.resolve_task(task)
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        pack, n_prefix, offset = self.prefix(task)
+        embeds = self.embed(ids, features, task)
+        positions = offset + np.arange(n, dtype=np.int64)[None]
+        if into is None:
+            form = self.decoder_form(task)
+            into = KvState(group=self.decoder_group(task), form=form, task=task)
+            if form == "ort-native":
+                into.open_buffer(self, task, rows=rows, capacity=capacity or (n_prefix + n + 256))
+        elif into.group != self.decoder_group(task):
+            raise VlexportError(f"task {task!r} runs the decoder with other weights than the batch's "
+                                f"({into.task!r}); give it a batch of its own (Bundle.decoder_group)")
+        if into.form == "ort-native":
+            logits = into.native_prefill(self, task, pack, n_prefix, embeds, positions, self.prefill_chunk)
+        else:
+            logits, past = self._portable_prefill(embeds, positions, pack, n_prefix, task)
+            into.add_portable_row(past, np.ones(n_prefix + n, np.int64))
+        into.tasks.append(task)
+        into.positions = np.append(into.positions, offset + n).astype(np.int64)
+        into.logits = logits[:, -1] if into.logits is None else np.concatenate([into.logits, logits[:, -1]])
+        return into
+
+    def _portable_prefill(self, embeds, positions, pack, n_prefix: int, task):
+        """One-shot or in chunks of `prefill_chunk` tokens, each chunk attending to the cache so far."""
+        past = ({k: np.ascontiguousarray(v[None]) for k, v in pack.items()} if pack is not None else self.empty_past())
+        n = embeds.shape[1]
+        chunk = self.prefill_chunk or n
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            mask = np.ones((1, n_prefix + stop), np.int64)
+            logits, past = self._run_decoder(embeds[:, start:stop], mask, positions[:, start:stop], past, task)
+        return logits, past
+
+    def _run_decoder(self, embeds, attention_mask, position_ids, past: dict, task):
         out = self.runner("decoder", task).infer(
             {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past,
              **self.slot_feed("decoder", task)}
         )
         present = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
         return out["logits"], present
+
+    def step(self, state: "KvState", tokens) -> np.ndarray:
+        """Feed each row of the batch its next token; the logits [rows, vocab] that follow, also kept in
+        state.logits. Every row keeps its own position."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if tokens.shape[0] != state.rows:
+            raise ValueError(f"step got {tokens.shape[0]} tokens for a batch of {state.rows} rows")
+        task = state.task
+        embeds = self.embed(tokens, None, task)
+        positions = state.positions[:, None]
+        if state.form == "ort-native":
+            logits = state.native_step(self, task, embeds, positions)
+        else:
+            mask = np.concatenate([state.mask, np.ones((state.rows, 1), np.int64)], axis=1)
+            logits, state.past = self._run_decoder(embeds, mask, positions, state.past, task)
+            state.mask = mask
+            logits = logits[:, -1]
+        state.positions = state.positions + 1
+        state.logits = logits
+        return logits
+
+    def teacher_forced_logits(self, prompt_ids: list[int], features: np.ndarray | None, continuation: list[int],
+                              task: str | None = None) -> np.ndarray:
+        """The logits that predict each continuation token: prefill, then one step per teacher-forced token."""
+        state = self.prefill(prompt_ids, features, task, capacity=len(prompt_ids) + len(continuation)
+                             + self.prefix(task)[1])
+        rows = [state.logits[0]]
+        for token in continuation[:-1]:
+            rows.append(self.step(state, [token])[0])
+        return np.stack(rows)
 
     def generate(
         self,
@@ -253,22 +491,15 @@ class Bundle:
             )
         t2 = time.perf_counter()
         rng = np.random.default_rng(seed)
-        past, n_prefix, offset = self.initial_state(task)
-        input_ids = np.array([ids], dtype=np.int64)
-        mask = np.ones((1, n_prefix + len(ids)), dtype=np.int64)
-        positions = offset + np.arange(len(ids), dtype=np.int64)[None]
-        logits, past = self.decode_step(self.embed(input_ids, features, task), mask, positions, past, task)
+        state = self.prefill(ids, features, task, capacity=self.prefix(task)[1] + len(ids) + max_new_tokens)
         t3 = time.perf_counter()
         new: list[int] = []
         while True:
-            token = pick_token(logits[0, -1], temperature, top_p, rng)
+            token = pick_token(state.logits[0], temperature, top_p, rng)
             new.append(token)
             if token in self.eos_ids or len(new) >= max_new_tokens:
                 break
-            step = np.array([[token]], dtype=np.int64)
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-            positions = np.array([[offset + len(ids) + len(new) - 1]], dtype=np.int64)
-            logits, past = self.decode_step(self.embed(step, None, task), mask, positions, past, task)
+            self.step(state, [token])
         t4 = time.perf_counter()
         timings = {
             "preprocess_ms": 1000 * (t1 - t0),

@@ -4,11 +4,15 @@ Fields (all but name, backend, precision and parity are optional for CPU targets
   name, description, backend ("onnxruntime" | "tensorrt"), device
   compute_capability ("8.7"), tensorrt_versions (["10.3"]), jetpack (["6.1", "6.2"])
   usable_memory_gb, memory_bandwidth_gbs, dla_cores, runtime_overhead_gb
-  [precision]      vision / embed / decoder: fp32 | fp16 | int8
+  [precision]      vision / embed / decoder: fp32 | fp16 | int8 | int4 (int4: decoder only, weight-only)
   [shapes]         batch, images, prompt_tokens: [min, opt, max]; context: max tokens (past + new)
   [builder]        optimization_level (0-5), workspace_gb, dla_vision (bool), timing_cache (bool)
   [int8]           how INT8 parts are made: calibration, decoder (w8a8 | weight-only), smoothquant_alpha, fallback,
                    form (see vlexport/precision/__init__.py)
+  [int4]           how INT4 weight-only decoders are made: block_size (32|64|128), algo (rtn|hqq|gptq), symmetric,
+                   lm_head (int4|int8), keep (int8|fp32: the fallback's precision), fallback, awq (precision/int4.py)
+  [memory]         resident bytes per weight byte the backend holds for parts at each precision (fp32, fp16, int8,
+                   int4; default 1), measured (bench/resident_memory.py): the memory plan multiplies weights by it
   [parity.<prec>]  thresholds that build and verify apply (see README): export_rel_tol, at least one gate threshold
                    (vlexport/parity/verify.py THRESHOLDS), and in [parity.fp32] optionally oracle_k, the factor
                    over PyTorch FP32's own error against the float64 oracle that the FP32 gate allows
@@ -27,12 +31,12 @@ from .errors import VlexportError
 from .model import PARTS
 
 BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 DEFAULT_SHAPES = {"batch": [1, 1, 1], "images": [1, 1, 1], "prompt_tokens": [1, 600, 2048], "context": 4096}
 TOP_LEVEL_KEYS = ("name", "description", "backend", "device", "compute_capability", "tensorrt_versions", "jetpack",
                   "usable_memory_gb", "memory_bandwidth_gbs", "dla_cores", "runtime_overhead_gb", "precision", "shapes",
-                  "builder", "int8", "parity")
+                  "builder", "int8", "int4", "memory", "parity")
 BUILDER_KEYS = ("optimization_level", "workspace_gb", "dla_vision", "timing_cache")
 ORACLE_K_MAX = 10.0  # a larger k would let the oracle wave through errors ten times PyTorch FP32's own
 
@@ -120,6 +124,11 @@ class Target:
     shapes: dict = field(default_factory=lambda: dict(DEFAULT_SHAPES))
     builder: dict = field(default_factory=dict)
     int8: dict = field(default_factory=dict)
+    int4: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # precision -> resident bytes per weight byte on this backend
+
+    def resident_factor(self, precision: str) -> float:
+        return float(self.memory.get(precision, 1.0))
 
     def thresholds(self, precision: str) -> dict:
         if precision not in self.parity:
@@ -214,6 +223,8 @@ def load_target(name_or_path: str) -> Target:
     _check_keys(where, data.get("shapes", {}), tuple(DEFAULT_SHAPES), "shapes")
     _check_keys(where, data.get("builder", {}), BUILDER_KEYS, "builder")
     _check_int8_keys(where, data.get("int8", {}))
+    _check_keys(where, data.get("int4", {}), tuple(_int4_defaults()), "int4")
+    _check_memory(where, data.get("memory", {}))
     if data["backend"] not in BACKENDS:
         raise VlexportError(f"target profile '{path}': backend '{data['backend']}' is not one of {', '.join(BACKENDS)}")
     precision = data["precision"]
@@ -250,6 +261,8 @@ def load_target(name_or_path: str) -> Target:
         shapes=shapes,
         builder=dict(data.get("builder", {})),
         int8=_int8_section(path, data.get("int8", {})),
+        int4=_int4_section(path, data.get("int4", {})),
+        memory=dict(data.get("memory", {})),
     )
 
 
@@ -267,3 +280,28 @@ def _int8_section(path: Path, section: dict) -> dict:
     except VlexportError as e:
         raise VlexportError(f"target profile '{path}' [int8]: {e}") from None
     return dict(section)
+
+
+def _int4_defaults() -> dict:
+    from .precision.int4 import INT4_DEFAULTS
+
+    return INT4_DEFAULTS
+
+
+def _int4_section(path: Path, section: dict) -> dict:
+    from .precision.int4 import int4_options
+
+    try:
+        int4_options(section)
+    except VlexportError as e:
+        raise VlexportError(f"target profile '{path}' [int4]: {e}") from None
+    return dict(section)
+
+
+def _check_memory(where: str, section) -> None:
+    """[memory]: a factor >= 1 per precision (a backend never holds less than the weights' own bytes)."""
+    _check_keys(where, section, PRECISIONS, "memory")
+    for key, value in section.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 1 <= value <= 10:
+            raise VlexportError(f"{where} [memory]: {key} = {value!r}; use the measured resident bytes per weight byte, "
+                                "a number in [1, 10]")

@@ -32,11 +32,12 @@ def parse_adapter_specs(specs: list[str | Path]) -> list[tuple[str | None, Path]
     return out
 
 
-def load_bank(specs: list[str | Path], adapter_kind: str | None = None) -> tuple[list, dict]:
-    """(adapters merged into the base, {task: [run-time adapters]})."""
+def load_bank(specs: list[str | Path], adapter_kind: str | None = None, lora_alpha: float | None = None) -> tuple[list, dict]:
+    """(adapters merged into the base, {task: [run-time adapters]}). lora_alpha: for single-file LoRAs that do not
+    record their alpha (--lora-alpha)."""
     merged, tasks = [], {}
     for name, path in parse_adapter_specs(specs):
-        adapter = load_adapter(path, adapter_kind)
+        adapter = load_adapter(path, adapter_kind, lora_alpha=lora_alpha)
         if adapter.kind in MERGEABLE and name is None:
             merged.append(adapter)
         else:

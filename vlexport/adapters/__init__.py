@@ -12,17 +12,17 @@ from ..errors import VlexportError
 from .bitfit import BitFitAdapter, read_bitfit_dump, read_peft_beft
 from .bottleneck import BottleneckAdapter, is_plain_bottleneck, read_adapterhub_bottleneck, read_plain_bottleneck
 from .lora import LoraAdapter, read_llava_repo_lora, read_peft_lora
+from .peft_methods import SUPPORTED_TYPES, UNSUPPORTED_TYPES, PeftMethodAdapter, read_peft_method
 from .prefix import PrefixAdapter, read_adapterhub_prefix, read_peft_prefix
+from .single_file import is_mlx_adapter, read_single_file_lora
 
-Adapter = LoraAdapter | BitFitAdapter | PrefixAdapter | BottleneckAdapter
-KINDS = ("lora", "bitfit", "prefix", "bottleneck")
-MERGEABLE = ("lora", "bitfit")  # folded into the weights; the others are fed at run time as packs
+Adapter = LoraAdapter | BitFitAdapter | PrefixAdapter | BottleneckAdapter | PeftMethodAdapter
+KINDS = ("lora", "bitfit", "prefix", "bottleneck", "peft")
+# Folded into the weights ("peft": PEFT's other mergeable methods, merged by PEFT); the others are fed at run time.
+MERGEABLE = ("lora", "bitfit", "peft")
 _NOT_YET = {
     "PROMPT_TUNING": "prompt tuning",
     "P_TUNING": "p-tuning",
-    "IA3": "IA3",
-    "LOHA": "LoHa",
-    "LOKR": "LoKr",
 }
 
 
@@ -52,6 +52,8 @@ def detect_kind(path: Path) -> str:
         return "bitfit"
     if peft_type == "PREFIX_TUNING":
         return "prefix"
+    if peft_type in SUPPORTED_TYPES or peft_type in UNSUPPORTED_TYPES:
+        return "peft"
     if peft_type == "ADAPTERHUB":
         architecture = (json.loads((folder / "adapter_config.json").read_text())["config"]).get("architecture")
         if architecture in (None, "bottleneck"):
@@ -64,7 +66,10 @@ def detect_kind(path: Path) -> str:
         )
     if peft_type is not None:
         what = _NOT_YET.get(peft_type, peft_type)
-        raise VlexportError(f"'{path}' is a PEFT {what} adapter; this vlexport version supports LoRA, BitFit/BEFT and prefix tuning")
+        raise VlexportError(f"'{path}' is a PEFT {what} adapter; this vlexport version supports LoRA, BitFit/BEFT, "
+                            f"prefix tuning and {', '.join(SUPPORTED_TYPES.values())}")
+    if is_mlx_adapter(path):
+        return "lora"
     if path.is_dir():
         raise VlexportError(f"adapter directory '{path}' has no adapter_config.json; pass the weights file instead")
     if is_plain_bottleneck(path):
@@ -82,7 +87,9 @@ def detect_kind(path: Path) -> str:
     )
 
 
-def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
+def load_adapter(path: str | Path, kind: str | None = None, lora_alpha: float | None = None) -> Adapter:
+    """lora_alpha: alpha for a single-file LoRA that does not record it (kohya without .alpha keys, a bare
+    safetensors without metadata); ignored where the file or its config gives it."""
     path = Path(path)
     if not path.exists():
         raise VlexportError(f"adapter '{path}' does not exist")
@@ -94,9 +101,13 @@ def load_adapter(path: str | Path, kind: str | None = None) -> Adapter:
         return read_adapterhub_prefix(path) if _peft_type(folder) == "ADAPTERHUB" else read_peft_prefix(path)
     if kind == "bottleneck":
         return read_plain_bottleneck(path) if is_plain_bottleneck(path) else read_adapterhub_bottleneck(path)
+    if kind == "peft":
+        return read_peft_method(path, _peft_type(folder) or "")
     if kind == "lora":
         if path.is_dir() and (path / "non_lora_trainables.bin").exists():
             return read_llava_repo_lora(path)
+        if is_mlx_adapter(path) or (path.is_file() and _peft_type(folder) is None):
+            return read_single_file_lora(path, lora_alpha)
         return read_peft_lora(path)
     if _peft_type(folder) == "BEFT":
         return read_peft_beft(path)
@@ -120,10 +131,10 @@ def merge_adapters(model, adapters: list[Adapter], log=None) -> None:
     # One step per LoRA module (a 7B LoRA has hundreds, and its merge takes a minute), one per other adapter.
     from .lora import LoraAdapter
 
-    steps = sum(len(a.modules) if isinstance(a, LoraAdapter) else 1 for a in adapters)
+    steps = sum(len(a.modules) if isinstance(a, (LoraAdapter, PeftMethodAdapter)) else 1 for a in adapters)
     with track(log, "merge", total=steps) as advance:
         for adapter in adapters:
-            if isinstance(adapter, LoraAdapter):
+            if isinstance(adapter, (LoraAdapter, PeftMethodAdapter)):
                 adapter.merge_into(model, on_module=lambda name: advance(1, name))
             else:
                 adapter.merge_into(model)

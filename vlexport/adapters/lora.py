@@ -52,6 +52,7 @@ class LoraAdapter:
     source_keys: dict = field(default_factory=dict)  # normalized name -> key in the file, for messages
     extra_files: list = field(default_factory=list)  # e.g. the LLaVA repo's non_lora_trainables.bin
     kind: str = "lora"
+    lora_alpha_given: float | None = None  # --lora-alpha, for a single file that does not record its alpha
 
     @property
     def sha256(self) -> str:
@@ -78,6 +79,7 @@ class LoraAdapter:
             "ranks": sorted({int(m.A.shape[0]) for m in self.modules}),
             "parts": parts,
             "merged": True,
+            **({"lora_alpha_given": self.lora_alpha_given} if self.lora_alpha_given is not None else {}),
         }
 
     def without_text_layers_from(self, num_layers: int) -> "LoraAdapter":

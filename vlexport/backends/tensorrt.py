@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import tensorrt as trt
     import torch
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PAST_PREFIX = "past_key_values."
 CONTEXT_PROFILE, GENERATION_PROFILE = 0, 1  # the decoder's two profiles, in vlexport/trt/profiles.py's order
 
@@ -151,7 +151,7 @@ def build_engine(
                             "TensorRT rejects the FP16 flag with it; export an fp16 graph, or build without strongly_typed")
     if not 0 <= optimization_level <= 5:
         raise VlexportError(f"builder optimization level must be 0-5 (got {optimization_level})")
-    if dla_core is not None and (dla_core < 0 or precision == "fp32"):
+    if dla_core is not None and (dla_core < 0 or precision in ("fp32", "int4")):
         raise VlexportError(f"DLA core {dla_core} for '{onnx_path.name}': DLA needs a core index >= 0 and runs FP16/INT8 "
                             "only; use precision fp16 or int8, or leave the part on the GPU")
     _check_profiles(profiles, onnx_path)
@@ -189,6 +189,10 @@ def build_engine(
         # Explicit quantization: the graph's Q/DQ nodes carry the scales, no calibrator (deprecated since 10.1).
         # A strongly typed network takes INT8 from those Q/DQ nodes and forbids the flag.
         config.set_flag(trt.BuilderFlag.INT8)
+    elif precision == "int4":
+        # INT4 weight-only: blocked DequantizeLinear on the weights, FP16 activations (as trtexec --int4 --fp16).
+        config.set_flag(trt.BuilderFlag.INT4)
+        config.set_flag(trt.BuilderFlag.FP16)
 
     for i, profile in enumerate(profiles):
         opt_profile = builder.create_optimization_profile()

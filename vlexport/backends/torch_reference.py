@@ -5,6 +5,8 @@ projector keys). A BitFit dump is the trained values of the model's own bias par
 by PyTorch name, from the file's own keys (set_biases_by_name: never through vlexport's merge code or key map).
 PEFT BEFT goes through PEFT when it is the only PEFT kind; next to LoRA (PEFT cannot stack both types in one model)
 its delta is added to the bias the same way, which is exactly BEFT's forward (output + beft_bias).
+PEFT's other methods (IA3, VeRA, LoHa, ...) go through PEFT too, unmerged; adapters of different types nest in the
+order given (_peft_groups), each PEFT model wrapping the layers of the one before.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from ..adapters import Adapter
 from ..adapters.bitfit import BitFitAdapter
 from ..adapters.lora import LoraAdapter
+from ..adapters.peft_methods import PeftMethodAdapter
 from ..adapters.prefix import PrefixAdapter
 from ..errors import VlexportError
 from ..model import load_llava
@@ -32,7 +35,7 @@ def build_reference(base: Path, adapters: list[Adapter], num_text_layers: int | 
     transformers 5); next to LoRA/BEFT, which PEFT cannot stack with it, PrefixReference re-implements it."""
     prefixes = [a for a in adapters if isinstance(a, PrefixAdapter)]
     bottlenecks = [a for a in adapters if a.kind == "bottleneck"]
-    adapters = [a for a in adapters if a.kind in ("lora", "bitfit")]
+    adapters = [a for a in adapters if a.kind in ("lora", "bitfit", "peft")]
     model = _merged_kinds_reference(base, adapters, num_text_layers, dtype)
     for a in bottlenecks:
         a.validate(model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -160,26 +163,73 @@ def _merged_kinds_reference(base: Path, adapters: list[Adapter], num_text_layers
     model = load_llava(base, num_text_layers, dtype=str(dtype).removeprefix("torch."))
     if num_text_layers is not None:
         adapters = [a.without_text_layers_from(num_text_layers) for a in adapters]
-    loras = [a for a in adapters if isinstance(a, LoraAdapter)]
+    loras = [a for a in adapters if isinstance(a, (LoraAdapter, PeftMethodAdapter))]
     befts = [a for a in adapters if isinstance(a, BitFitAdapter) and not a.absolute]
     for a in adapters:
         a.validate(model)
         if isinstance(a, BitFitAdapter) and (a.absolute or loras):
             set_biases_by_name(model, a, dtype)
-    peft_adapters = loras or befts
-    if not peft_adapters:
+    groups = _peft_groups(loras) if loras else ([befts] if befts else [])
+    if not groups:
         return model
     from peft import PeftModel
 
-    names = [f"adapter{i}" for i in range(len(peft_adapters))]
+    names, peft_model = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = [_peft_dir(a, Path(tmp) / n) for a, n in zip(peft_adapters, names)]
-        model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
-        for d, n in zip(dirs[1:], names[1:]):
-            model.load_adapter(str(d), adapter_name=n)
-    if len(names) > 1:
-        model.base_model.set_adapter(names)
-    return model.to(dtype).eval()
+        for group in groups:
+            group_names = [f"adapter{len(names) + i}" for i in range(len(group))]
+            dirs = [_peft_dir(a, Path(tmp) / n) for a, n in zip(group, group_names)]
+            # A later group wraps the layers PEFT put in for the earlier ones, so it sees each module as the
+            # earlier adapters left it: merging them one after the other, unmerged.
+            inner = model if peft_model is None else peft_model.base_model.model
+            try:
+                peft_model = PeftModel.from_pretrained(inner, str(dirs[0]), adapter_name=group_names[0])
+            except ValueError:
+                # Some methods (VeRA sizes its shared matrices from plain nn.Linear targets) refuse to wrap
+                # another method's layers: PEFT itself merges the earlier ones first, which is the same composition.
+                if peft_model is None or _has_adapter(inner, group_names[0]):
+                    raise
+                inner = peft_model.merge_and_unload()
+                peft_model = PeftModel.from_pretrained(inner, str(dirs[0]), adapter_name=group_names[0])
+            for d, n in zip(dirs[1:], group_names[1:]):
+                peft_model.load_adapter(str(d), adapter_name=n)
+            if len(group_names) > 1:
+                peft_model.base_model.set_adapter(group_names)
+            names += group_names
+    if len(groups) > 1:
+        _activate_own_adapters(peft_model, names)
+    return peft_model.to(dtype).eval()
+
+
+def _peft_groups(adapters: list) -> list[list]:
+    """Adapters in the order given, as PEFT models to nest: consecutive LoRAs stack in one PEFT model (PEFT adds
+    their deltas, as merging them in turn does); every other PEFT method gets its own, since PEFT cannot stack
+    different types (e.g. LoRA and IA3) on one module."""
+    groups: list[list] = []
+    for a in adapters:
+        if groups and isinstance(a, LoraAdapter) and all(isinstance(g, LoraAdapter) for g in groups[-1]):
+            groups[-1].append(a)
+        else:
+            groups.append([a])
+    return groups
+
+
+def _has_adapter(model, name: str) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and name in m._all_available_adapter_names() for m in model.modules())
+
+
+def _activate_own_adapters(peft_model, names: list[str]) -> None:
+    """Each PEFT model's set_adapter re-activates, by name, every layer of its tuner class in the whole model,
+    the earlier models' layers included (AdaLoRA's layers are LoRA layers); give every layer back the adapters
+    it holds."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            own = set(module._all_available_adapter_names())
+            module.set_adapter([n for n in names if n in own], inference_mode=True)
 
 
 # Containers that name the same module differently across transformers versions and PEFT's wrapper. Dropping them
@@ -243,7 +293,7 @@ def set_biases_by_name(model, adapter: BitFitAdapter, dtype=torch.float32) -> li
 
 
 def _peft_dir(adapter: Adapter, out: Path) -> Path:
-    if isinstance(adapter, LoraAdapter):
+    if isinstance(adapter, (LoraAdapter, PeftMethodAdapter)):
         return adapter.write_peft_dir(out)
     return adapter.path if adapter.path.is_dir() else adapter.path.parent
 
@@ -280,3 +330,56 @@ def _greedy_by_forward(model, inputs, max_new_tokens: int) -> list[int]:
                 break
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return new
+
+
+# -- the reference's outputs, as verify compares them -----------------------------------------------------------
+def oracle_inputs(inputs):
+    """The processor's output for the float64 oracle: pixel values widened exactly (float32 -> float64), so the
+    oracle sees the very input the bundle and PyTorch FP32 see and measures arithmetic error alone."""
+    return {k: v.to(torch.float64) if k == "pixel_values" else v for k, v in inputs.items()}
+
+
+def reference_features(model, pixel_values):
+    """Image features [num_images * tokens, hidden] as LLaVA's language model receives them (numpy)."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = llava.config
+    with torch.no_grad():
+        out = llava.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+    return torch.cat(list(out.pooler_output), dim=0).numpy()
+
+
+def reference_logits(model, inputs, continuation: list[int]):
+    """Logits that predict each continuation token, from one forward pass over prompt + continuation (numpy)."""
+    ids = torch.cat([inputs["input_ids"], torch.tensor([continuation[:-1]], dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
+    start = inputs["input_ids"].shape[1] - 1
+    return logits[0, start : start + len(continuation)].numpy()
+
+
+def reference_embeds_and_kv(model, inputs, num_layers: int):
+    """(inputs_embeds with the image features written in, the features, present.{i}.key|value of the first
+    num_layers layers), all numpy: what `verify --layers` compares the cut decoder graph with."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    feats = reference_features(model, inputs["pixel_values"])
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        embeds = llava.model.get_input_embeddings()(ids)
+        mask = (ids == llava.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, torch.from_numpy(feats).to(embeds.dtype))
+    return embeds.numpy(), feats, reference_kv(model, embeds, num_layers)
+
+
+def reference_kv(model, embeds, num_layers: int) -> dict:
+    """present.{i}.key|value [1, kv, S, hd] (numpy) of the first num_layers layers, over inputs_embeds."""
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), use_cache=True)
+    kv = {}
+    for i in range(num_layers):
+        kv[f"present.{i}.key"] = out.cache.layers[i].keys.numpy()
+        kv[f"present.{i}.value"] = out.cache.layers[i].values.numpy()
+    return kv

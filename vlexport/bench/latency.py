@@ -55,25 +55,30 @@ class BundleSide:
 
     def ttft(self, pixels, ids: np.ndarray):
         def run():
-            feats = self.b.image_features(pixels)
-            embeds = self.b.embed(ids, feats)
-            n = ids.shape[1]
-            self.b.decode_step(embeds, np.ones((1, n), np.int64), np.arange(n)[None], self.b.empty_past())
+            self.b.prefill(ids, self.b.image_features(pixels))
         return run
 
     def prefill(self, ids: np.ndarray, feats: np.ndarray):
-        embeds = self.b.embed(ids, feats)
-        n = ids.shape[1]
-        return lambda: self.b.decode_step(embeds, np.ones((1, n), np.int64), np.arange(n)[None], self.b.empty_past())
+        return lambda: self.b.prefill(ids, feats)
 
-    def decode(self, context: int):
-        b = self.b
-        past = {k: self.rng.standard_normal((1, b.num_kv_heads, context, b.head_dim), dtype=np.float32)
-                for k in b.empty_past()}
-        embeds = self.rng.standard_normal((1, 1, self.hidden), dtype=np.float32)
-        mask = np.ones((1, context + 1), np.int64)
-        pos = np.array([[context]], np.int64)
-        return lambda: b.decode_step(embeds, mask, pos, past)
+    def context_state(self, context: int, task: str | None = None):
+        """A one-row state holding `context` tokens (random ids, no image; a task's prefix comes on top), with room
+        for DECODE_ROOM more."""
+        ids = self.rng.integers(3, self.b.image_token_id - 1, size=(1, context), dtype=np.int64)
+        return self.b.prefill(ids, None, task, capacity=self.b.prefix(task)[1] + context + DECODE_ROOM)
+
+    def decode(self, context: int, task: str | None = None):
+        """One decode step at `context` tokens: the step is taken back after each call (as PyTorch's cache.crop)."""
+        b, state = self.b, self.context_state(context, task)
+        token = [int(self.rng.integers(3, self.b.image_token_id - 1))]
+
+        def run():
+            b.step(state, token)
+            state.rewind(1)
+        return run
+
+
+DECODE_ROOM = 128  # steps a decode state may take past its context (bench rounds)
 
 
 class TorchSide:

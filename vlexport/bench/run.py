@@ -67,16 +67,43 @@ def _row(metric: str, bundle_t, torch_t, higher_is_better: bool = False, **extra
 
 def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prompt_lengths=None, repeats: int = 10,
               warmup: int = 2, e2e_tokens: int = 32, measure_rss: bool = True, backend: str = "onnxruntime",
-              log: Callable[[str], None] = lambda m: None) -> dict:
+              peer: str | None = None, rounds: int = 3, log: Callable[[str], None] = lambda m: None) -> dict:
+    """peer "onnxruntime-genai": the model builder's decoder from the same merged weights, built in a temporary
+    directory for this run (bench/peer.py); decode and prefill of both are then timed in `rounds` interleaved
+    rounds through each one's generate-step API, and those timings fill the rows' bundle and peer columns."""
+    import tempfile
+
     import torch
 
-    from ..plan import parameter_counts
     from ..runtime import Bundle
+    from .peer import check_peer
 
+    check_peer(peer)
     torch.set_num_threads(threads)
     bundle = Bundle(bundle_dir, threads=threads, backend=backend)
     manifest = bundle.manifest
     model = merged_torch_model(manifest)
+    with tempfile.TemporaryDirectory(prefix="vlexport-peer-") as tmp:
+        peer_side = _open_peer(peer, model, manifest, Path(tmp), threads, log) if peer else None
+        return _run(bundle, model, peer_side, threads, contexts, prompt_lengths, repeats, warmup, e2e_tokens,
+                    measure_rss, backend, rounds, log)
+
+
+def _open_peer(peer: str, model, manifest: dict, work: Path, threads: int, log):
+    from .peer import PeerSide, build_peer, peer_precision, write_llama_dir
+
+    precision = peer_precision(manifest)
+    llama = write_llama_dir(model, Path(manifest["base"]["path"]), work / "llama")
+    side = PeerSide(build_peer(llama, work / "peer", precision, threads, log))
+    side.name, side.precision = peer, precision
+    return side
+
+
+def _run(bundle, model, peer_side, threads, contexts, prompt_lengths, repeats, warmup, e2e_tokens, measure_rss,
+         backend, rounds, log) -> dict:
+    from ..plan import parameter_counts
+
+    bundle_dir, manifest = bundle.path, bundle.manifest
     rng = np.random.default_rng(0)
     ours, theirs = BundleSide(bundle), TorchSide(model)
     n_img = bundle.num_image_tokens
@@ -96,11 +123,39 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
     # All bundle timings, then all PyTorch timings: ONNX Runtime's worker threads spin briefly after each run and
     # would steal cores from PyTorch if the two alternated.
     log("timing the bundle")
+    peer_t: list = [None] * len(cases)
     with track(log, "bench: bundle", total=len(cases)) as advance:
         ours_t = []
-        for c in cases:
-            ours_t.append(timed(c[2], c[4], c[5]))
+        for i, c in enumerate(cases):
+            if peer_side is not None and c[0] in ("prefill_ms", "decode_ms"):
+                ours_t.append(None)  # timed below, in rounds interleaved with the peer
+            else:
+                ours_t.append(timed(c[2], c[4], c[5]))
             advance(1, _where(c[0], c[1]))
+    if peer_side is not None:
+        log(f"timing the bundle and the peer ({peer_side.name}, {peer_side.precision}) in {rounds} interleaved rounds")
+        from .latency import Timing
+        from .peer import bundle_decode_round, bundle_prefill_round, interleaved
+
+        with track(log, "bench: bundle vs peer", total=sum(c[0] in ("prefill_ms", "decode_ms") for c in cases)) as advance:
+            for i, (metric, where, *_rest) in enumerate(cases):
+                if metric not in ("prefill_ms", "decode_ms"):
+                    continue
+                n = where.get("context") or where.get("prompt_tokens")
+                ids = rng.integers(3, bundle.image_token_id - 1, size=(1, n), dtype=np.int64)
+                if metric == "decode_ms":
+                    ours_fn, peer_fn = (lambda: bundle_decode_round(bundle, ids, 2 * repeats),
+                                        lambda: peer_side.decode_round(ids, 2 * repeats))
+                    bundle_decode_round(bundle, ids, warmup)  # warm-up, both sides
+                    peer_side.decode_round(ids, warmup)
+                else:
+                    ours_fn, peer_fn = (lambda: bundle_prefill_round(bundle, ids, few),
+                                        lambda: peer_side.prefill_round(ids, few))
+                    bundle_prefill_round(bundle, ids, 1)
+                    peer_side.prefill_round(ids, 1)
+                a, b = interleaved(ours_fn, peer_fn, rounds)
+                ours_t[i], peer_t[i] = Timing(a), Timing(b)
+                advance(1, _where(metric, where))
     time.sleep(1.0)
     log("timing PyTorch")
     with track(log, "bench: PyTorch", total=len(cases)) as advance:
@@ -111,19 +166,25 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
 
     config = json.loads((Path(manifest["base"]["path"]) / "config.json").read_text())
     decoder_params = parameter_counts(config)["decoder"]
-    # Measured over a working set as large as the decoder's fp32 weights: what decode really streams through
-    # (a 440 MB model still partly fits a large shared L3, a 7B one does not).
-    working_set_mb = max(64, decoder_params * 4 // 2**20)
+    # The decoder's weights as stored (FP32, or INT8/INT4 bytes where it was lowered) are what one decode step
+    # streams; the bandwidth is measured over a working set of that size (a 440 MB model still partly fits a
+    # large shared L3, a 7B one does not).
+    from .precision import decoder_bytes
+
+    weight_bytes = decoder_bytes(bundle_dir, manifest)
+    working_set_mb = max(64, weight_bytes // 2**20)
     log(f"read bandwidth over {working_set_mb} MB")
     bandwidth = measure_read_bandwidth(threads, megabytes=working_set_mb)
     m = manifest["model"]
     rows = []
-    for (metric, where, *_), b, p in zip(cases, ours_t, theirs_t):
+    for (metric, where, *_), b, p, q in zip(cases, ours_t, theirs_t, peer_t):
         extra = dict(where)
         if metric == "decode_ms":
-            floor_ms = 1000 * decode_bytes_per_token(decoder_params, 4, m["num_layers"], m["num_kv_heads"],
+            floor_ms = 1000 * decode_bytes_per_token(weight_bytes, 1, m["num_layers"], m["num_kv_heads"],
                                                      m["head_dim"], where["context"]) / bandwidth
             extra.update(floor_ms=round(floor_ms, 3), floor_ratio=round(b.p50 / floor_ms, 3))
+        if q is not None:  # peer / bundle, so > 1 means vlexport is faster, as for PyTorch
+            extra.update(peer=round(q.p50, 3), peer_p90=round(q.p90, 3), peer_ratio=round(q.p50 / b.p50, 3))
         rows.append(_row(metric, b, p, **extra))
 
     log("end to end")
@@ -159,10 +220,17 @@ def run_bench(bundle_dir: Path, threads: int = 2, contexts=(64, 300, 1000), prom
     return {
         "bundle": str(bundle_dir), "target": manifest["target"]["name"], "backend": backend, "threads": threads,
         "repeats": repeats, "machine": machine(), "read_bandwidth_gbs": round(bandwidth / 1e9, 2),
-        "bandwidth_working_set_mb": working_set_mb,
+        "bandwidth_working_set_mb": working_set_mb, "decoder_weight_bytes": weight_bytes,
         "model": {"decoder_params": decoder_params, "num_layers": m["num_layers"], "hidden_size": m["hidden_size"],
                   "vocab_size": m["vocab_size"], "num_image_tokens": n_img},
         "pytorch": "eager fp32, the bundle's merged weights, transformers' modules, same thread count",
+        "decoder_form": manifest["parts"]["decoder"].get("form", "portable"),
+        "peer": None if peer_side is None else {
+            "name": peer_side.name, "precision": peer_side.precision, "rounds": rounds,
+            "method": "onnxruntime-genai's model builder on the bundle's merged language model (a Llama directory); "
+                      "both sides through their generate-step API (Bundle.prefill/step + greedy pick; og.Generator "
+                      "append_tokens/generate_next_token), fresh state per round, rounds interleaved; prefill and "
+                      "decode rows' bundle column is from those same rounds"},
         "rows": rows,
         "build": manifest.get("build", {}),
     }
@@ -175,15 +243,21 @@ def markdown(result: dict) -> str:
         f"onnxruntime {result['machine']['onnxruntime']}, torch {result['machine']['torch']}. "
         f"Read bandwidth {result['read_bandwidth_gbs']} GB/s.",
         "",
-        "| metric | at | vlexport p50 | p90 | PyTorch p50 | p90 | ratio (>1: vlexport better) | floor | vs floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| metric | at | vlexport p50 | p90 | PyTorch p50 | p90 | ratio (>1: vlexport better) | floor | vs floor "
+        "| peer p50 | vs peer (>1: vlexport faster) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    peer = result.get("peer")
+    if peer:
+        lines[0] += (f" Peer: {peer['name']} model builder at {peer['precision']}, {peer['rounds']} interleaved rounds "
+                     f"(decoder form {result.get('decoder_form', 'portable')}).")
     for r in result["rows"]:
         at = r.get("context", r.get("prompt_tokens", r.get("images", r.get("new_tokens", ""))))
         at = f"context {at}" if "context" in r else f"{at} tokens" if "prompt_tokens" in r else at
         lines.append(f"| {r['metric']} | {at} | {r['bundle']:.2f} | {r.get('bundle_p90', '')} | {r['pytorch']:.2f} | "
                      f"{r.get('pytorch_p90', '')} | {r['ratio']:.2f}x | {r.get('floor_ms', '')} | "
-                     f"{str(r['floor_ratio']) + 'x' if 'floor_ratio' in r else ''} |")
+                     f"{str(r['floor_ratio']) + 'x' if 'floor_ratio' in r else ''} | {r.get('peer', '')} | "
+                     f"{str(r['peer_ratio']) + 'x' if 'peer_ratio' in r else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,12 +271,21 @@ def plot(result: dict, path: Path) -> None:
     labels = [f"{r['metric'][:-3]}\n{r.get('context', r.get('prompt_tokens', ''))}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.1), 4))
-    ax.bar(x - 0.2, [r["pytorch"] for r in rows], 0.4, label="PyTorch eager")
-    ax.bar(x + 0.2, [r["bundle"] for r in rows], 0.4, label="vlexport (ONNX Runtime)")
+    peer = result.get("peer")
+    # (label, values, offset): PyTorch, vlexport and, with --peer, the builder's model side by side
+    bars = [("PyTorch eager", [r["pytorch"] for r in rows]), ("vlexport (ONNX Runtime)", [r["bundle"] for r in rows])]
+    if peer:
+        bars.append((f"{peer['name']} builder ({peer['precision']})", [r.get("peer", 0) for r in rows]))
+    width = 0.8 / len(bars)
+    offsets = [(k - (len(bars) - 1) / 2) * width for k in range(len(bars))]
+    for (name, values), off in zip(bars, offsets):
+        ax.bar(x + off, values, width, label=name)
     for i, r in enumerate(rows):
         if "floor_ms" in r:
             ax.hlines(r["floor_ms"], i - 0.4, i + 0.4, colors="k", linestyles="dashed", label="bandwidth floor" if i == len(rows) - 1 else None)
-        ax.annotate(f"{r['ratio']:.2f}x", (i + 0.2, r["bundle"]), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{r['ratio']:.2f}x", (i + offsets[1], r["bundle"]), ha="center", va="bottom", fontsize=8)
+        if "peer_ratio" in r:
+            ax.annotate(f"{r['peer_ratio']:.2f}x", (i + offsets[2], r["peer"]), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("ms (p50)")
     ax.set_yscale("log")

@@ -39,33 +39,6 @@ def first_layers_session(decoder_path: Path, num_layers: int):
     return ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _reference_embeds_and_kv(model, inputs, num_layers: int):
-    import torch
-
-    from .verify import _reference_features
-
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    feats = _reference_features(model, inputs["pixel_values"])
-    with torch.no_grad():
-        ids = inputs["input_ids"]
-        embeds = llava.model.get_input_embeddings()(ids)
-        mask = (ids == llava.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, torch.from_numpy(feats).to(embeds.dtype))
-    return embeds.numpy(), feats, _kv(model, embeds, num_layers)
-
-
-def _kv(model, embeds, num_layers: int) -> dict:
-    import torch
-
-    with torch.no_grad():
-        out = model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), use_cache=True)
-    kv = {}
-    for i in range(num_layers):
-        kv[f"present.{i}.key"] = out.cache.layers[i].keys.numpy()
-        kv[f"present.{i}.value"] = out.cache.layers[i].values.numpy()
-    return kv
-
-
 def _kv_metrics(ref, test) -> dict:
     stats = metrics.error_stats(ref, test)
     scale = float(np.abs(ref).max())
@@ -76,13 +49,13 @@ def _kv_metrics(ref, test) -> dict:
 def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int, oracle=None) -> dict:
     import torch
 
-    from .verify import _feature_metrics, _reference_features, oracle_inputs
+    from ..backends.torch_reference import oracle_inputs, reference_embeds_and_kv, reference_features, reference_kv
 
     text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
     inputs = processor(images=case.image, text=text, return_tensors="pt")
-    embeds, ref_feats, ref_kv = _reference_embeds_and_kv(model, inputs, num_layers)
+    embeds, ref_feats, ref_kv = reference_embeds_and_kv(model, inputs, num_layers)
     features = bundle.image_features(bundle.pixel_values(case.image))
-    vision = _feature_metrics(ref_feats, features)
+    vision = metrics.feature_metrics(ref_feats, features)
     n = embeds.shape[1]
     feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
     wanted = {i.name for i in sub_session.get_inputs()}
@@ -91,10 +64,10 @@ def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int
     got = dict(zip(names, sub_session.run(names, feed)))
     decoder = {name: _kv_metrics(ref_kv[name], got[name]) for name in names}
     if oracle is not None:
-        oracle_feats = _reference_features(oracle, oracle_inputs(inputs)["pixel_values"])
-        vision["vs_oracle"] = _feature_metrics(oracle_feats, features)
-        vision["reference_vs_oracle"] = _feature_metrics(oracle_feats, ref_feats)
-        oracle_kv = _kv(oracle, torch.from_numpy(embeds).to(torch.float64), num_layers)
+        oracle_feats = reference_features(oracle, oracle_inputs(inputs)["pixel_values"])
+        vision["vs_oracle"] = metrics.feature_metrics(oracle_feats, features)
+        vision["reference_vs_oracle"] = metrics.feature_metrics(oracle_feats, ref_feats)
+        oracle_kv = reference_kv(oracle, torch.from_numpy(embeds).to(torch.float64), num_layers)
         for name in names:
             decoder[name]["vs_oracle"] = _kv_metrics(oracle_kv[name], got[name])
             decoder[name]["reference_vs_oracle"] = _kv_metrics(oracle_kv[name], ref_kv[name])

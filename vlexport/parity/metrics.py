@@ -44,6 +44,14 @@ def error_stats(ref, test) -> dict:
     }
 
 
+def feature_metrics(ref, test) -> dict:
+    """Vision features (or any activations): cosine, norm ratio, error statistics and max |diff| / the ref's scale."""
+    out = {"cosine": cosine(ref, test), "norm_ratio": norm_ratio(ref, test), "scale": float(np.abs(ref).max()),
+           **error_stats(ref, test)}
+    out["max_rel_to_scale"] = out["max_abs"] / max(out["scale"], 1e-12)
+    return out
+
+
 def log_softmax(logits) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)

@@ -39,69 +39,11 @@ THRESHOLDS = {
 }
 
 
-def _reference_features(model, pixel_values) -> np.ndarray:
-    import torch
-
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = llava.config
-    with torch.no_grad():
-        out = llava.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        )
-    return torch.cat(list(out.pooler_output), dim=0).numpy()
-
-
-def _reference_logits(model, inputs, continuation: list[int]) -> np.ndarray:
-    """Logits that predict each continuation token, from one forward pass over prompt + continuation."""
-    import torch
-
-    ids = torch.cat([inputs["input_ids"], torch.tensor([continuation[:-1]], dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
-    start = inputs["input_ids"].shape[1] - 1
-    return logits[0, start : start + len(continuation)].numpy()
-
-
-def _bundle_logits(bundle, prompt_ids: list[int], features: np.ndarray, continuation: list[int],
-                   task: str | None = None) -> np.ndarray:
-    """The bundle's logits for the same positions: prefill, then one decode step per teacher-forced token."""
-    ids = np.array([prompt_ids], dtype=np.int64)
-    past, n_prefix, offset = bundle.initial_state(task)
-    mask = np.ones((1, n_prefix + ids.shape[1]), dtype=np.int64)
-    pos = offset + np.arange(ids.shape[1], dtype=np.int64)[None]
-    logits, past = bundle.decode_step(bundle.embed(ids, features, task), mask, pos, past, task)
-    rows = [logits[0, -1]]
-    for token in continuation[:-1]:
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        pos = pos[:, -1:] + 1
-        step = np.array([[token]], dtype=np.int64)
-        logits, past = bundle.decode_step(bundle.embed(step, None, task), mask, pos, past, task)
-        rows.append(logits[0, -1])
-    return np.stack(rows)
-
-
-def _feature_metrics(ref: np.ndarray, test: np.ndarray) -> dict:
-    out = {"cosine": metrics.cosine(ref, test), "norm_ratio": metrics.norm_ratio(ref, test),
-           "scale": float(np.abs(ref).max()), **metrics.error_stats(ref, test)}
-    out["max_rel_to_scale"] = out["max_abs"] / max(out["scale"], 1e-12)
-    return out
-
-
-def oracle_inputs(inputs):
-    """The processor's output for the float64 oracle: pixel values widened exactly (float32 -> float64), so the
-    oracle sees the very input the bundle and PyTorch FP32 see and measures arithmetic error alone."""
-    import torch
-
-    return {k: v.to(torch.float64) if k == "pixel_values" else v for k, v in inputs.items()}
-
-
 def run_case(case: Case, bundle, model, processor, max_new_tokens: int, task: str | None = None,
              oracle=None) -> dict:
     """One case. `oracle` (the reference in float64, or None) adds, to each output, the bundle's metrics against it
     ("vs_oracle") and PyTorch FP32's ("reference_vs_oracle"), and to the tokens the near-tie rule's verdict."""
-    from ..backends.torch_reference import reference_generate
+    from ..backends.torch_reference import oracle_inputs, reference_features, reference_generate, reference_logits
 
     text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
     inputs = processor(images=case.image, text=text, return_tensors="pt")
@@ -109,26 +51,26 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int, task: st
     if prompt_ids != inputs["input_ids"][0].tolist():
         raise VlexportError(f"case {case.name}: the bundle's tokenizer disagrees with the base processor on the prompt")
 
-    ref_features = _reference_features(model, inputs["pixel_values"])
+    ref_features = reference_features(model, inputs["pixel_values"])
     features = bundle.image_features(bundle.pixel_values(case.image), task)
-    vision = _feature_metrics(ref_features, features)
+    vision = metrics.feature_metrics(ref_features, features)
 
     ref_tokens = reference_generate(model, processor, case.image, text, max_new_tokens)
     test = bundle.generate(case.image, raw_prompt=text, max_new_tokens=max_new_tokens, task=task)
     greedy = metrics.greedy_match(ref_tokens, test.token_ids)
 
-    ref_logits = _reference_logits(model, inputs, ref_tokens)
-    test_logits = _bundle_logits(bundle, prompt_ids, features, ref_tokens, task)
+    ref_logits = reference_logits(model, inputs, ref_tokens)
+    test_logits = bundle.teacher_forced_logits(prompt_ids, features, ref_tokens, task)
     decoder = metrics.logit_metrics(ref_logits, test_logits)
     decoder["kl_per_token"] = metrics.kl_per_token(ref_logits, test_logits).tolist()
     tokens = {**greedy, "ref": ref_tokens, "test": test.token_ids}
     if oracle is not None:
         wide = oracle_inputs(inputs)
-        oracle_features = _reference_features(oracle, wide["pixel_values"])
-        vision["vs_oracle"] = _feature_metrics(oracle_features, features)
-        vision["reference_vs_oracle"] = _feature_metrics(oracle_features, ref_features)
+        oracle_features = reference_features(oracle, wide["pixel_values"])
+        vision["vs_oracle"] = metrics.feature_metrics(oracle_features, features)
+        vision["reference_vs_oracle"] = metrics.feature_metrics(oracle_features, ref_features)
         # Teacher-forced over the same continuation as the FP32 reference, so all three see the same context.
-        oracle_logits = _reference_logits(oracle, wide, ref_tokens)
+        oracle_logits = reference_logits(oracle, wide, ref_tokens)
         decoder["vs_oracle"] = metrics.logit_metrics(oracle_logits, test_logits)
         decoder["reference_vs_oracle"] = metrics.logit_metrics(oracle_logits, ref_logits)
         tokens["oracle"] = metrics.greedy_match_with_oracle(ref_tokens, test.token_ids,
@@ -152,7 +94,7 @@ def executed_precision(manifest: dict, backend: str) -> dict:
     return {name: part["precision"] for name, part in parts.items()}
 
 
-PRECISION_ORDER = ("int8", "fp16", "fp32")  # least precise first
+PRECISION_ORDER = ("int4", "int8", "fp16", "fp32")  # least precise first
 
 
 def threshold_precisions(manifest: dict, backend: str = "onnxruntime") -> dict:
@@ -587,7 +529,7 @@ def _recorded_adapter(rec: dict):
     """An adapter the manifest records, refused if its file changed since the build."""
     from ..adapters import load_adapter
 
-    a = load_adapter(rec["path"], rec["kind"])
+    a = load_adapter(rec["path"], rec["kind"], lora_alpha=rec.get("lora_alpha_given"))
     if a.sha256 != rec["sha256"]:
         raise VlexportError(
             f"adapter '{rec['path']}' changed since the bundle was built (sha256 differs); pass --adapter to "

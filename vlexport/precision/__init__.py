@@ -1,4 +1,5 @@
-"""Lower the exported FP32 parts to the target's precision: FP16, or INT8 in the form the backend runs best.
+"""Lower the exported FP32 parts to the target's precision: FP16, INT8 in the form the backend runs best, or INT4
+weight-only for the language part (precision/int4.py).
 
 build() exports FP32 parts (SmoothQuant already folded into the weights when a part is W8A8), then lower_parts()
 replaces each part that the target wants lower, and each task's copy of it, and records in the manifest what was
@@ -20,6 +21,7 @@ from typing import Callable
 from ..errors import VlexportError
 from ..files import remove_part
 from ..progress import track
+from .int4 import INT4_DEFAULTS, Int4Options, int4_options  # noqa: F401 (re-exported for target.py and build.py)
 from .int8 import CALIBRATIONS
 
 DECODER_KINDS = ("w8a8", "weight-only")
@@ -104,7 +106,6 @@ def _gate_cases(part: str, candidate: Path, bundle, data) -> list[dict]:
     """The candidate part in place of the FP32 one on the calibration set, in verify's case format."""
     from ..backends.onnxruntime import OrtRunner
     from ..parity import metrics
-    from ..parity.verify import _bundle_logits
 
     original = bundle.runners[part]
     bundle.runners[part] = OrtRunner(candidate)
@@ -115,7 +116,7 @@ def _gate_cases(part: str, candidate: Path, bundle, data) -> list[dict]:
                 got = bundle.image_features(c.pixel_values)
                 cases.append({"name": c.name, "vision": {"image_features": {"cosine": metrics.cosine(c.features, got)}}})
             else:
-                got = _bundle_logits(bundle, c.prompt_ids, c.features, c.continuation)
+                got = bundle.teacher_forced_logits(c.prompt_ids, c.features, c.continuation)
                 cases.append({"name": c.name, "decoder": {"logits": metrics.logit_metrics(c.logits, got)}})
         return cases
     finally:
@@ -232,6 +233,105 @@ def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, t
     return dst, record
 
 
+def _lower_int4(name: str, src: Path, tmp: Path, backend: str, opts: Int4Options, thresholds: dict, bundle, data,
+                log: Callable[[str], None]) -> tuple[Path, dict]:
+    """INT4 weight-only decoder: rank every product by its emulated INT4 error on the calibration inputs, then keep
+    the worst at INT8 (or FP32) until the [parity.int4] gate holds on the calibration set against the FP32 part."""
+    import onnx
+
+    from ..parity.verify import evaluate
+    from .int4 import int4_emulator, lm_head_nodes, quantize_int4
+    from .int8 import weight_matmuls
+    from .sensitivity import fallback_search, rank
+
+    form = "qdq" if backend == "tensorrt" else "matmulnbits"
+    block, keep = opts.block_for(backend), opts.keep_for(backend)
+    matmuls = weight_matmuls(onnx.load(str(src), load_external_data=False))
+    module = {m.node: m.module for m in matmuls}
+    # lm_head at INT8 is an option, not a fallback: never INT4, and ranked by its INT8 error for the FP32 stage.
+    fixed = lm_head_nodes(matmuls) if opts.lm_head == "int8" else []
+    t = time.perf_counter()
+    int8_acts = form == "matmulnbits"
+    errors = rank(src, [m for m in matmuls if m.node not in fixed], _feeds(name, data),
+                  int4_emulator(block, opts.symmetric, int8_acts))
+    if fixed and form == "matmulnbits":
+        from .int4 import emulated_error_int8_weight_only
+
+        errors.update(rank(src, [m for m in matmuls if m.node in fixed], _feeds(name, data), emulated_error_int8_weight_only))
+    unblockable = []
+    if form == "qdq":  # TensorRT takes whole INT4 blocks of 128 or 64 only; other products stay FP32 (FP16 engine)
+        from .int4 import tensorrt_block
+
+        model = onnx.load(str(src), load_external_data=False)
+        dims = {i.name: list(i.dims) for i in model.graph.initializer}
+        unblockable = [m.node for m in matmuls if len(dims.get(m.weight, [])) != 2
+                       or tensorrt_block(dims[m.weight][0], block) is None]
+    # lm_head first: its error reaches the logits undiluted by a residual stream or a norm, which a relative output
+    # error does not rank (measured: an INT4 lm_head alone breaks the KL gate on the tiny fixture).
+    head = set(lm_head_nodes(matmuls))
+    int4_candidates = sorted((n for n in errors if n not in fixed and n not in unblockable),
+                             key=lambda n: (n not in head, -errors[n]))
+    ranked = int4_candidates
+    reader = _calibration_reader(name, data) if opts.algo == "gptq" else None
+    dst = tmp / f"{name}.int4.onnx"
+    gate_keys = {k: _with_headroom(k, v) for k, v in thresholds.items() if k in ("top1_min", "kl_mean_max", "logit_cosine_min")}
+    last: dict = {}
+
+    def split(kept: list[str]) -> tuple[list[str], list[str]]:
+        int4 = [n for n in int4_candidates if n not in set(kept)]
+        int8 = [n for n in fixed if n not in set(kept)] + (kept if keep == "int8" else [])
+        return int4, int8 if form == "matmulnbits" else []
+
+    def try_keeping(kept: list[str]) -> bool:
+        int4, int8 = split(kept)
+        quantize_int4(src, dst, form, opts, int4, int8, block, reader)
+        checks, passed = evaluate(_gate_cases(name, dst, bundle, data), gate_keys)
+        last.update(checks=checks, passed=passed)
+        log(f"{name}: INT4 ({form}, {opts.algo}, block {block}) with {len(kept)} of {len(ranked)} products kept at "
+            f"{keep.upper()}: calibration-set gate {'holds' if passed else 'fails'} ("
+            + ", ".join(f"{c['metric']} {c['value']:.4g} {c['op']} {c['limit']:.4g}" for c in checks) + ")")
+        tried(1, f"{len(kept)} of {len(ranked)} kept at {keep.upper()}: {'holds' if passed else 'fails'}")
+        return passed
+
+    with track(log, f"{name}: INT4 sensitivity search (tries)") as tried:
+        kept, tries = fallback_search(ranked, try_keeping, opts.fallback)
+        if not last["passed"] and keep == "int8" and opts.fallback:
+            # INT8 weight-only quantizes the activations too: where even every product at INT8 fails (outliers
+            # that no scale folded away), the worst are kept in FP32 instead.
+            log(f"{name}: every product at INT8 still fails the calibration gate; keeping the worst in FP32 instead")
+            keep = "fp32"
+            # An INT8 lm_head may now be kept in FP32 too, and is tried first: its error reaches the logits
+            # undiluted by a residual stream or a norm, which a relative output error does not rank.
+            ranked = [*fixed, *int4_candidates]
+            kept, more = fallback_search(ranked, try_keeping, opts.fallback)
+            tries += [{**t, "keep": "fp32"} for t in more]
+    lm_head_precision = opts.lm_head if form == "matmulnbits" else ("int4" if opts.lm_head == "int4" else "fp32")
+    record = {
+        "form": form,
+        "algo": opts.algo,
+        "block_size": block,
+        "symmetric": opts.symmetric,
+        "accuracy_level": 4 if form == "matmulnbits" else None,
+        "awq": opts.awq,
+        "lm_head": lm_head_precision,
+        "keep_precision": keep,
+        "calibration_cases": len(data),
+        "products_quantized": len([n for n in int4_candidates if n not in set(kept)]),
+        "products_total": len(matmuls),
+        "not_blockable": [{"node": n, "module": module[n], "why": "K is not a multiple of TensorRT's INT4 block (128 or "
+                           "64); stays FP32 (FP16 in the engine)"} for n in unblockable],
+        # The fallback's products by name, with the precision each kept and the error INT4 would have given it.
+        "kept": [{"node": n, "module": module[n], "precision": keep, "emulated_rel_error": errors[n],
+                  "why": "among the largest INT4 errors; kept until the calibration gate held"} for n in kept],
+        "kept_fp32": [{"node": n, "module": module[n], "emulated_rel_error": errors[n]} for n in kept] if keep == "fp32" else [],
+        "worst_quantized": [{"module": module[n], "emulated_rel_error": errors[n]} for n in ranked[len(kept):len(kept) + 3]],
+        "fallback": {"enabled": opts.fallback, "tries": tries},
+        "calibration_gate": {"passed": last["passed"], "checks": last["checks"]},
+        "seconds": time.perf_counter() - t,
+    }
+    return dst, record
+
+
 def _calibration_cache(name: str, src: Path, fingerprint: str, method: str) -> Path:
     """Where the activation ranges of this exact FP32 part on this calibration set are kept between builds."""
     from .calibration import cache_root, file_digest
@@ -260,8 +360,11 @@ def _calibration_reader(name: str, data):
     return FeedReader(_same_length(feeds) if name == "decoder" else feeds)
 
 
+LOWERED = ("int8", "int4")  # precisions whose parts keep their FP32 original until verify has judged them
+
+
 def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str | Path | None,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], int4: Int4Options | None = None) -> None:
     """Lower every part (and task copy) the target wants below FP32, in place in the bundle being written."""
     import onnx
 
@@ -273,12 +376,13 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
 
     # Parts exported in FP16 already (a model too large for an fp32 copy) need no lowering.
     wanted = {name: p for name, p in prof.precision.items() if p != "fp32" and manifest["parts"][name]["precision"] != p}
-    if prof.backend == "tensorrt":  # TensorRT lowers FP32 parts to FP16 itself; INT8 needs the Q/DQ graph from here
-        wanted = {name: p for name, p in wanted.items() if p == "int8"}
+    if prof.backend == "tensorrt":  # TensorRT lowers FP32 parts to FP16 itself; INT8/INT4 need Q/DQ graphs from here
+        wanted = {name: p for name, p in wanted.items() if p in LOWERED}
     if not wanted:
         return
+    int4 = int4 or Int4Options()
     data, bundle, fingerprint = None, None, calib_fingerprint(calib)
-    if "int8" in wanted.values():
+    if set(LOWERED) & set(wanted.values()):
         bundle = Bundle(tmp, manifest=manifest)
         data = run_fp32(bundle, calib_cases(calib), log)
         log(f"calibration set: {len(data)} cases from {calib or 'calib/ (photos that ship with scikit-image)'}")
@@ -296,6 +400,27 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
                 lowered[key] = task_src.with_name(dst.name)
                 to_fp16(task_src, lowered[key])
             log(f"{name}: FP16, {', '.join(record['kept_fp32_op_types'])} kept in FP32")
+        elif precision == "int4":
+            dst, record = _lower_int4(name, src, tmp, prof.backend, int4, prof.thresholds("int4"), bundle, data, log)
+            if record["products_quantized"] == 0:
+                remove_part(dst)
+                entry["lowering"] = {**record, "result": "left in FP32: no INT4 product set held the calibration gate"}
+                log(f"{name}: INT4 does not hold the gate on the calibration set even with one product; left in FP32")
+                continue
+            from .int4 import quantize_int4
+            from .int8 import weight_matmuls as _matmuls
+
+            keep = {k["node"] for k in record["kept"]}
+            for key, task_src in copies.items():  # a task's merged copy: the same products at the same precisions
+                lowered[key] = task_src.with_name(dst.name)
+                every = _matmuls(onnx.load(str(task_src), load_external_data=False))
+                head = (set(_lm_head(every)) if int4.lm_head == "int8" else set()) - keep
+                nodes4 = [m.node for m in every if m.node not in keep | head]
+                at_int8 = keep if record["keep_precision"] == "int8" else set()
+                nodes8 = sorted(at_int8 | head) if record["form"] == "matmulnbits" else []
+                quantize_int4(task_src, lowered[key], record["form"], int4, nodes4, nodes8, record["block_size"],
+                              _calibration_reader(name, data) if int4.algo == "gptq" else None)
+                log(f"task {key[0]}: its {name} part lowered the same way ({len(nodes4)} products INT4)")
         else:
             form = opts.form_for(name, prof.backend)
             cache = _calibration_cache(name, src, fingerprint, opts.calibration)
@@ -321,23 +446,29 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
                 finally:
                     ranges.discard()
                 log(f"task {key[0]}: its {name} part lowered the same way ({len(nodes)} products INT8)")
-        if precision == "int8":
-            # Kept until verify has judged the INT8 part: if it fails the gate, the part ships in FP32 instead.
+        if precision in LOWERED:
+            # Kept until verify has judged the INT8/INT4 part: if it fails the gate, the part ships in FP32 instead.
             entry["fp32_original"] = {"file": src.name, "tasks": {t: copies[(t, part)].relative_to(tmp).as_posix()
                                                                   for (t, part) in lowered}}
             entry.update(file=dst.name, precision=precision, lowering=record, **onnx_io(dst))
         else:
             entry.update(file=_swap(src, dst), precision=precision, lowering=record, **onnx_io(dst))
         for (task, part), new in lowered.items():
-            if precision != "int8":
+            if precision not in LOWERED:
                 _swap(copies[(task, part)], new)
             manifest["tasks"][task]["parts"][part] = new.relative_to(tmp).as_posix()
 
 
+def _lm_head(matmuls) -> list[str]:
+    from .int4 import lm_head_nodes
+
+    return lm_head_nodes(matmuls)
+
+
 def failing_int8_parts(manifest: dict, report: dict) -> list[str]:
-    """INT8 parts that a failed parity check points at. Logits and tokens depend on both parts: the decoder is
-    blamed first, the vision part once the decoder is no longer INT8."""
-    int8 = {p for p, e in manifest["parts"].items() if e.get("precision") == "int8"}
+    """INT8/INT4 parts that a failed parity check points at. Logits and tokens depend on both parts: the decoder is
+    blamed first, the vision part once the decoder is no longer INT8/INT4."""
+    int8 = {p for p, e in manifest["parts"].items() if e.get("precision") in LOWERED}
     out = set()
     for c in report["checks"]:
         if c["passed"]:

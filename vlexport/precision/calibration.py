@@ -72,30 +72,28 @@ class CalibCase:
 
 def run_fp32(bundle, cases, log=None) -> list[CalibCase]:
     """The FP32 bundle on the calibration set: every part's inputs and the outputs that lower precisions must match."""
-    from ..parity.verify import _bundle_logits
     from ..progress import track
 
     cases = list(cases)
     out = []
     with track(log or (lambda m: None), "calibration set: FP32 bundle", total=len(cases)) as advance:
         for case in cases:
-            out.append(_run_case(bundle, case, _bundle_logits))
+            out.append(_run_case(bundle, case))
             advance(1, case.name)
     return out
 
 
-def _run_case(bundle, case, bundle_logits) -> CalibCase:
+def _run_case(bundle, case) -> CalibCase:
     """One calibration case through the FP32 bundle."""
     text = prompt_text(case, bundle.chat_prompt)
     ids = bundle.encode(text)
     pv = bundle.pixel_values(case.image)
     features = bundle.image_features(pv)
     tokens = bundle.generate(case.image, raw_prompt=text, max_new_tokens=CONTINUATION_TOKENS).token_ids
-    logits = bundle_logits(bundle, ids, features, tokens)
+    logits = bundle.teacher_forced_logits(ids, features, tokens)
     arr = np.array([ids], dtype=np.int64)
-    past, _, _ = bundle.initial_state(None)
     prefill = {"inputs_embeds": bundle.embed(arr, features), "attention_mask": np.ones_like(arr),
-               "position_ids": np.arange(arr.shape[1], dtype=np.int64)[None], **past}
+               "position_ids": np.arange(arr.shape[1], dtype=np.int64)[None], **bundle.empty_past()}
     return CalibCase(case.name, pv, features, ids, tokens, logits, prefill)
 
 

@@ -1,4 +1,5 @@
-"""Sensitivity fallback: rank the quantized matrix products by their error, keep the worst in FP32 until the gate holds.
+"""Sensitivity fallback: rank the quantized matrix products by their error, keep the worst in higher precision until the
+gate holds (INT8 parts keep them in FP32; INT4 parts at INT8 or FP32, see precision/int4.py).
 
 Ranking: each weight MatMul's input is captured from the FP32 part on the calibration set, and the product is
 quantized the way the chosen form does it, in NumPy: the error that node alone adds, relative to its output. Cheap
@@ -20,8 +21,10 @@ import numpy as np
 from .int8 import WeightMatMul, emulated_error
 
 
-def rank(fp32_path: Path, matmuls: list[WeightMatMul], feeds: list[dict], form: str) -> dict[str, float]:
-    """node name -> emulated relative error over the feeds."""
+def rank(fp32_path: Path, matmuls: list[WeightMatMul], feeds: list[dict], form) -> dict[str, float]:
+    """node name -> emulated relative error over the feeds. `form` is an INT8 form's name, or a function
+    (x, w) -> (squared error, squared reference) that quantizes the way another precision does (INT4)."""
+    emulate = form if callable(form) else (lambda x, w: emulated_error(x, w, form))
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -50,7 +53,7 @@ def rank(fp32_path: Path, matmuls: list[WeightMatMul], feeds: list[dict], form: 
         for feed in feeds:
             for name, x in zip(names, session.run(names, feed)):
                 for m in by_input[name]:
-                    num, den = emulated_error(x, weights[m.weight], form)
+                    num, den = emulate(x, weights[m.weight])
                     sums[m.node][0] += num
                     sums[m.node][1] += den
     finally:

@@ -3,9 +3,9 @@
 Continuous batching, per graph group:
 - A request is prefilled alone (vision, embed, the decoder over its prompt, from its task's prefix pack), which
   gives its first token. Its KV cache then joins the running batch of its group between two decode steps.
-- The rows of one batch have different lengths. The shorter caches are left-padded with zero columns, and the
-  attention mask is 0 there, so a padded column adds exactly nothing (the decoder's additive mask is finfo.min,
-  whose exp is 0). Every row keeps its own position_ids. Columns no row uses any more are trimmed when rows leave.
+- The rows of one batch have different lengths; the runtime's KV loop (Bundle.prefill into a running batch,
+  Bundle.step, KvState.keep) holds them: left-padded caches on the portable decoder form, rows of one shared buffer
+  on the ORT-native form. Every row keeps its own position.
 - One decode step feeds every row of a group its last token. A group is the set of tasks that run the decoder with
   the same graph and the same fed weights: the base and every prefix-only task share one group (a prefix is only
   KV entries and positions, which are per row), while a task with bottleneck slot weights in the decoder or its
@@ -143,59 +143,18 @@ class Row:
         return finish
 
 
-def group_key(bundle, task: str | None) -> str:
-    """Tasks with the same key run the decoder alike (same parts, same fed weights) and may share decode steps.
-    Only prefix tasks are known to add nothing but KV entries; any other kind, or merged parts, gets its own key."""
-    task = bundle.resolve_task(task)
-    info = bundle.tasks.get(task) or {} if task is not None else {}
-    kinds = {a.get("kind") for a in info.get("adapters", [])}
-    return "" if not info.get("parts") and kinds <= {"prefix"} else f"task:{task}"
-
-
 class Group:
-    """The running rows of one group and their batched KV cache: past [rows, kv_heads, columns, head_dim]."""
+    """The running rows of one decoder group and their batched KV state (runtime.KvState)."""
 
-    def __init__(self, task: str | None):
-        self.task = task  # the task whose graph and feeds the decode steps use: any member's, they are alike
+    def __init__(self):
         self.rows: list[Row] = []
-        self.past: dict[str, np.ndarray] = {}
-        self.mask = np.zeros((0, 0), np.int64)  # [rows, columns]; 1 where a row has a real entry
-
-    def add(self, row: Row, past: dict, mask: np.ndarray) -> None:
-        if not self.rows:
-            self.rows, self.past, self.mask = [row], past, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.past = {k: np.concatenate([_left_pad(self.past[k], width), _left_pad(v, width)], axis=0)
-                     for k, v in past.items()}
-        self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], axis=0)
-        self.rows.append(row)
+        self.state = None
 
     def keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.past, self.mask = {}, np.zeros((0, 0), np.int64)
-            return
-        idx = np.array(keep)
-        mask = self.mask[idx]
-        used = np.flatnonzero(mask.any(axis=0))
-        start = int(used[0]) if used.size else mask.shape[1]
-        self.mask = np.ascontiguousarray(mask[:, start:])
-        self.past = {k: np.ascontiguousarray(v[idx][:, :, start:]) for k, v in self.past.items()}
-
-
-def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
-    n = width - a.shape[2]
-    if n == 0:
-        return a
-    return np.concatenate([np.zeros((*a.shape[:2], n, a.shape[3]), a.dtype), a], axis=2)
-
-
-def _left_pad_mask(m: np.ndarray, width: int) -> np.ndarray:
-    n = width - m.shape[1]
-    return m if n == 0 else np.concatenate([np.zeros((m.shape[0], n), m.dtype), m], axis=1)
+        self.state.keep(keep)
 
 
 class Scheduler:
@@ -206,7 +165,7 @@ class Scheduler:
         self.metrics, self.log = metrics, log
         self.queue: collections.deque[Job] = collections.deque()
         self.groups: dict[str, Group] = {}
-        self.group_of = {task: group_key(bundle, task) for task in [None, *bundle.tasks]}
+        self.group_of = {task: bundle.decoder_group(task) for task in [None, *bundle.tasks]}
         self.cond = threading.Condition()
         self.stopping = False
         self.drain = True
@@ -317,23 +276,28 @@ class Scheduler:
             n_image = r.prompt_ids.count(b.image_token_id)
             if n_image != features.shape[0]:
                 raise RuntimeError(f"the prompt has {n_image} image tokens but the image gave {features.shape[0]} features")
-            past, n_prefix, offset = b.initial_state(r.task, 1)
-            ids = np.array([r.prompt_ids], dtype=np.int64)
-            mask = np.ones((1, n_prefix + len(r.prompt_ids)), dtype=np.int64)
-            positions = offset + np.arange(len(r.prompt_ids), dtype=np.int64)[None]
-            logits, past = b.decode_step(b.embed(ids, features, r.task), mask, positions, past, r.task)
+            group = self.groups.setdefault(self.group_of[r.task], Group())
+            # The row joins its group's batch as it is prefilled (a native buffer row is written in place; the
+            # buffer starts with room for this prompt and doubles as rows need more); a row that ends on its first
+            # token leaves again at once.
+            state = b.prefill(r.prompt_ids, features, r.task, into=group.state, rows=self.max_batch)
+            group.state = state
             if self.metrics:
                 self.metrics.prefill_seconds.observe(time.monotonic() - t0)
-            row = Row(job, b, offset + len(r.prompt_ids))
-            finish = row.accept(logits[0, -1])
+            row = Row(job, b, int(state.positions[-1]))
+            group.rows.append(row)
+            finish = row.accept(state.logits[-1])
         except Exception as e:  # a bug, not the client's: fail this request, keep serving the others
             self.log(f"vlexport serve: request {job.id} failed in prefill: {e}\n{traceback.format_exc()}")
+            group = self.groups.get(self.group_of.get(r.task))
+            if group is not None and group.state is not None:  # the failed row leaves the batch, if it joined
+                group.rows = [row for row in group.rows if row.job is not job]
+                group.state.keep(list(range(len(group.rows))))
             self._fail(job, 500, f"internal error in prefill: {e}", "internal_error", type="server_error")
             return
         if finish is not None:
+            group.keep([i for i, other in enumerate(group.rows) if other is not row])
             self._finish(row, finish)
-            return
-        self.groups.setdefault(self.group_of[r.task], Group(r.task)).add(row, past, mask)
 
     def _step(self, g: Group) -> None:
         now = time.monotonic()
@@ -351,24 +315,20 @@ class Scheduler:
         b = self.bundle
         try:
             t0 = time.monotonic()
-            tokens = np.array([[row.ids[-1]] for row in g.rows], dtype=np.int64)
-            mask = np.concatenate([g.mask, np.ones((len(g.rows), 1), np.int64)], axis=1)
-            positions = np.array([[row.position] for row in g.rows], dtype=np.int64)
-            logits, past = b.decode_step(b.embed(tokens, None, g.task), mask, positions, g.past, g.task)
-            g.past, g.mask = past, mask
+            logits = b.step(g.state, [row.ids[-1] for row in g.rows])
             if self.metrics:
                 self.metrics.step_seconds.observe(time.monotonic() - t0)
                 self.metrics.batch_rows.observe(len(g.rows))
             keep = []
             for i, row in enumerate(g.rows):
                 row.position += 1
-                finish = row.accept(logits[i, -1])
+                finish = row.accept(logits[i])
                 if finish is None:
                     keep.append(i)
                 else:
                     self._finish(row, finish)
         except Exception as e:
-            self.log(f"vlexport serve: a decode step of task {g.task!r} failed: {e}\n{traceback.format_exc()}")
+            self.log(f"vlexport serve: a decode step of task {g.state.task!r} failed: {e}\n{traceback.format_exc()}")
             for row in g.rows:
                 self._fail(row.job, 500, f"internal error in a decode step: {e}", "internal_error", type="server_error")
             keep = []

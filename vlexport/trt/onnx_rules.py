@@ -36,6 +36,13 @@ SUPPORTED_VERSIONS: tuple[str, ...] = ("8.6", "10.3")
 # Opset range of the default ONNX domain that the parser documents.
 # 8.6's lower bound is taken as 9 like 10.x (the note only gives its upper bound, 17).
 OPSETS = {"8.6": (9, 17), "10.3": (9, 20)}
+# TensorRT 10.0 added INT4 quantization (onnx-tensorrt changelog, 10.0 EA). ONNX can express a blocked INT4
+# DequantizeLinear only from opset 21 (INT4 and the block_size attribute are new there), so a 10.x graph that holds
+# INT4 weights declares opset 21; any other graph keeps the documented range.
+INT4_OPSET = {"10.3": 21}
+# TensorRT's INT4 scheme (developer guide, "Quantization Schemes"): weight-only, symmetric, per-block scales with
+# blocks of 64 or 128 along one of the last two dimensions of the weight.
+INT4_BLOCK_SIZES = (64, 128)
 
 # TensorRT 10.3 ONNX parser op list (10.1 table; 10.2/10.3 add no ops).
 SUPPORTED_OPS = frozenset("""
@@ -207,8 +214,14 @@ def _input(node: onnx.NodeProto, i: int) -> str:
 # ---------------------------------------------------------------------------------------------------------- rules
 
 
+def _has_int4_weights(model: onnx.ModelProto) -> bool:
+    return any(i.data_type == TensorProto.INT4 for i in model.graph.initializer)
+
+
 def _check_opset(model: onnx.ModelProto, version: str, v) -> None:
     lo, hi = OPSETS[version]
+    if version in INT4_OPSET and _has_int4_weights(model):
+        hi = INT4_OPSET[version]
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and not lo <= imp.version <= hi:
             v("opset", None, f"ONNX opset {imp.version} is outside TensorRT {version}'s supported opsets {lo}-{hi}; "
@@ -387,6 +400,61 @@ def _check_qdq(g: _Graph, version: str, v) -> None:
                            f"supports {', '.join(sorted(_type_name(t) for t in qdq_types))}")
 
 
+def _check_blocked_qdq(g: _Graph, version: str, v) -> None:
+    """INT4 and block quantization: INT4 only on constant weights behind a DequantizeLinear, with per-block scales
+    (block 64 or 128 along one of the weight's last two dimensions, the scale of the weight's rank with that
+    dimension divided by the block); no block quantization of any other type or of activations."""
+    types = _tensor_types(g)
+    for node in g.nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        name, op = _node_id(node), node.op_type
+        x, scale = _input(node, 0), _input(node, 1)
+        block = int(_attr(node, "block_size", 0) or 0)
+        zp = _input(node, 2)
+        quantized = types.get(x if op == "DequantizeLinear" else zp, (0, ""))[0] if (op == "DequantizeLinear" or zp) else 0
+        int4 = quantized == TensorProto.INT4
+        if not block and not int4:
+            continue
+        if version == "8.6":
+            v("int4-block", name, f"{op} node '{name}' uses {'INT4' if int4 else 'block quantization'}, which TensorRT "
+                                  "8.6 does not have (INT4 weight-only arrives in TensorRT 10); build for 10.x or use INT8")
+            continue
+        if not block:
+            v("int4-block", name, f"{op} node '{name}' quantizes to INT4 without block_size; TensorRT {version} needs "
+                                  f"per-block scales for INT4 (block {' or '.join(map(str, INT4_BLOCK_SIZES))})")
+            continue
+        if not int4:
+            v("int4-block", name, f"{op} node '{name}' is block-quantized ({block}) to "
+                                  f"{_type_name(quantized) if quantized else 'an unknown type'}; TensorRT {version} "
+                                  "block-quantizes INT4 weights only")
+            continue
+        if not g.is_const(x):
+            v("int4-block", name, f"{op} node '{name}' applies INT4 to '{x}', which is not a constant weight; TensorRT "
+                                  f"{version} supports INT4 for weights only (weight-only quantization)")
+            continue
+        if block not in INT4_BLOCK_SIZES:
+            v("int4-block", name, f"{op} node '{name}' has block_size {block}; TensorRT {version} INT4 blocks are "
+                                  f"{' or '.join(map(str, INT4_BLOCK_SIZES))} (re-quantize with block 128)")
+        dims, sdims = g.dims(x), g.dims(scale)
+        if dims is None or sdims is None:
+            continue
+        rank = len(dims)
+        axis = int(_attr(node, "axis", 1))
+        axis = axis + rank if axis < 0 else axis
+        if rank < 2 or axis not in (rank - 2, rank - 1):
+            v("int4-block", name, f"{op} node '{name}' blocks axis {axis} of a rank-{rank} weight; TensorRT {version} "
+                                  "blocks one of the last two dimensions of a weight of rank 2 or more")
+            continue
+        want = [d // block if i == axis and isinstance(d, int) else d for i, d in enumerate(dims)]
+        if isinstance(dims[axis], int) and dims[axis] % block:
+            v("int4-block", name, f"{op} node '{name}': weight '{x}' has {dims[axis]} elements along the blocked axis "
+                                  f"{axis}, not a multiple of block_size {block}; TensorRT {version} needs whole blocks")
+        elif list(sdims) != want:
+            v("int4-block", name, f"{op} node '{name}': scale '{scale}' has shape {list(sdims)}, but weight "
+                                  f"{list(dims)} in blocks of {block} along axis {axis} needs {want}")
+
+
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None] | None:
     """Graph input dims: int for fixed, the dim_param name for symbolic, None for unknown; None if rank unknown."""
     tt = value_info.type.tensor_type
@@ -474,6 +542,7 @@ def check_onnx(part: str, onnx_path: Path, trt_version: str, profiles: list[dict
     _check_constant_inputs(g, version, violation)
     _check_op_limits(g, version, violation)
     _check_qdq(g, version, violation)
+    _check_blocked_qdq(g, version, violation)
     if profiles is not None:
         _check_profiles(model, profiles, version, violation)
     return found
@@ -485,7 +554,14 @@ def check_bundle(bundle_dir: Path, manifest: dict, trt_version: str, shapes: dic
 
     normalize_version(trt_version)  # an unknown version is reported before any profile problem
     profiles = bundle_profiles(manifest, shapes)
-    return {
-        name: check_onnx(name, Path(bundle_dir) / part["file"], trt_version, profiles.get(name))
-        for name, part in manifest["parts"].items()
-    }
+    found = {}
+    for name, part in manifest["parts"].items():
+        if part.get("form", "portable") != "portable":
+            # ONNX Runtime's own form is made of contrib ops on purpose; listing each one would hide the fix.
+            found[name] = [RuleViolation(name, "form", None, (
+                f"part '{name}' is in the {part['form']!r} form (ONNX Runtime contrib ops such as GroupQueryAttention), "
+                "which TensorRT cannot import; build the bundle for a TensorRT target (e.g. --target jetson-orin or "
+                "gpu-ampere), whose parts stay in the portable ONNX form"))]
+            continue
+        found[name] = check_onnx(name, Path(bundle_dir) / part["file"], trt_version, profiles.get(name))
+    return found

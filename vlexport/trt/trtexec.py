@@ -59,6 +59,11 @@ def part_command(part: str, onnx_file: str, precision: str, profiles: list[Profi
         argv.append("--fp16")
     elif precision == "int8":
         argv += ["--int8", "--fp16"]  # explicit Q/DQ graph; FP16 for the layers left unquantized
+    elif precision == "int4":
+        if not ten:
+            raise ValueError(f"INT4 engines need TensorRT 10 (trtexec --int4), not {version}")
+        # Blocked INT4 DequantizeLinear on the weights (weight-only); FP16 activations and unquantized layers.
+        argv += ["--int4", "--fp16"]
     workspace_mib = int(builder.get("workspace_gb", 4) * 1024)
     argv.append(f"--memPoolSize=workspace:{workspace_mib}M" if ten else f"--memPoolSize=workspace:{workspace_mib}")
     argv += ["--timingCacheFile=engines/timing.cache",

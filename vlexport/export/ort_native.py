@@ -1,0 +1,393 @@
+"""The decoder in ONNX Runtime's native form, built directly from the (merged) torch model's weights with onnx-ir.
+
+The portable opset-18 graph (export/onnx.py) serves TensorRT. ONNX Runtime on CPU runs much faster on its contrib
+ops (../shared/notes/onnxruntime-cpu.md), which TensorRT cannot import, so ONNX Runtime targets get this form:
+  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm and the residual add in one op),
+  one plain MatMul per torch Linear, named after it (precision/ lowers and keeps them per module, as today),
+  com.microsoft RotaryEmbedding fed position_ids (a prefix task's positions are not buffer indices),
+  com.microsoft GroupQueryAttention over past/present, which appends in place when both are bound to one buffer.
+
+Same I/O names as the portable graph. Semantics are GroupQueryAttention's: rows are RIGHT-padded, row b holds
+len_b = sum(attention_mask[b]) tokens at buffer positions 0..len_b-1, its S new tokens are the last S of them, and
+logits are those of each row's last new position. With an ordinary past [B,kv,P,hd] the graph returns present =
+past + new, [B,kv,max(P,T),hd]; with past and present bound to one OrtValue (backends/ort_kv.py) nothing is copied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ParityError
+from ..slots import ACTIVATIONS, FIELDS, empty_feed
+from ..slots import input_names as slot_input_names
+
+FORM = "ort-native"
+MS = "com.microsoft"
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this model cannot take the native form (then the portable graph ships), or None."""
+    import torch
+
+    cfg = model.config.text_config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (the native form builds SiLU MLPs)"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") == "dynamic":
+        return "dynamic RoPE scaling (its frequencies depend on the sequence length)"
+    if model.lm_head.weight.dtype != torch.float32:
+        return "the model was exported in fp16 to save memory (the native form is built from fp32 weights)"
+    return None
+
+
+class _Builder:
+    """A thin layer over onnx_ir.tape.Tape: named weights, and the few fused ops used here."""
+
+    def __init__(self):
+        import onnx_ir as ir
+        from onnx_ir import tape
+
+        self.ir, self.tape = ir, tape.Tape()
+
+    def weight(self, name: str, array: np.ndarray):
+        return self.tape.initializer(self.ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+
+    def const(self, name: str, array):
+        return self.weight(name, np.asarray(array))
+
+    # Every value gets its element type: onnx's shape inference cannot see through contrib ops, and the quantizers
+    # (onnxruntime.quantization) need the type of each MatMul's output.
+    def op(self, op_type, inputs, name=None, domain="", dtype=None, **attrs):
+        out = self.tape.op(op_type, inputs, attrs or None, domain=domain, name=name)
+        out.type = self.ir.TensorType(dtype or self.ir.DataType.FLOAT)
+        return out
+
+    def ops(self, op_type, inputs, n, name=None, domain="", **attrs):
+        outs = self.tape.op_multi_out(op_type, inputs, attrs or None, num_outputs=n, domain=domain, name=name)
+        for out in outs:
+            out.type = self.ir.TensorType(self.ir.DataType.FLOAT)
+        return outs
+
+
+def _linear_weights(linear) -> tuple[np.ndarray, np.ndarray | None]:
+    """An nn.Linear's weight as [in, out] for x @ W, and its bias (BitFit may have given it one) or None."""
+    bias = None if linear.bias is None else linear.bias.detach().float().numpy()
+    return linear.weight.detach().float().numpy().T, bias
+
+
+def build_native_decoder(model, slots: bool = False):
+    """The decoder (+ lm_head, last position only) as an onnx_ir Model in the native form."""
+    import onnx_ir as ir
+    import torch
+
+    cfg = model.config.text_config
+    lm = model.model.language_model
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    n_heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or H // n_heads
+    eps = float(cfg.rms_norm_eps)
+    V = model.lm_head.weight.shape[0]
+    b = _Builder()
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+
+    def value(name, dtype, shape):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+
+    embeds = value("inputs_embeds", f32, ["batch", "sequence", H])
+    mask = value("attention_mask", i64, ["batch", "total_sequence"])
+    positions = value("position_ids", i64, ["batch", "sequence"])
+    past = [value(f"past_key_values.{i}.{k}", f32, ["batch", kv, "past_sequence", hd])
+            for i in range(L) for k in ("key", "value")]
+    inputs = [embeds, mask, positions, *past]
+
+    # GroupQueryAttention's lengths, once for all layers: seqlens_k = len_b - 1, total_sequence_length = T.
+    i32 = ir.DataType.INT32
+    lengths = b.op("ReduceSum", [mask, b.const("axis1", np.array([1], np.int64))], dtype=i64, keepdims=0)
+    seqlens_k = b.op("Cast", [b.op("Sub", [lengths, b.const("one_i64", np.array(1, np.int64))], dtype=i64)],
+                     dtype=i32, to=i32)
+    total = b.op("Cast", [b.op("Gather", [b.op("Shape", [mask], dtype=i64), b.const("index1", np.array(1, np.int64))],
+                               dtype=i64)], dtype=i32, to=i32)
+
+    # RoPE tables from the model's own rotary module (any static scaling), the first half as RotaryEmbedding wants.
+    with torch.no_grad():
+        table_pos = torch.arange(cfg.max_position_embeddings).unsqueeze(0)
+        cos, sin = lm.rotary_emb(torch.zeros(1, dtype=torch.float32), position_ids=table_pos)
+    cos_cache = b.weight("rotary.cos_cache", cos[0, :, : hd // 2].float().numpy())
+    sin_cache = b.weight("rotary.sin_cache", sin[0, :, : hd // 2].float().numpy())
+
+    site = _slot_sites(b, L, H, inputs) if slots else None
+
+    def linear(x, module, name):
+        """x @ W (+ bias), one product per torch module: precision/ quantizes and keeps products by module name."""
+        w, bias = _linear_weights(module)
+        # The torch exporter's name-scope record, which precision.int8.weight_matmuls reads the module name from.
+        scopes = {"pkg.torch.onnx.name_scopes": repr(["", name, "matmul"])}
+        y = b.tape.op("MatMul", [x, b.weight(f"{name}.weight", w)], name=f"{name}/MatMul", metadata_props=scopes)
+        y.type = ir.TensorType(f32)
+        return b.op("Add", [y, b.weight(f"{name}.bias", bias)], name=f"{name}/Add") if bias is not None else y
+
+    def norm_weight(module, name):
+        return b.weight(name, module.weight.detach().float().numpy())
+
+    def skip_norm(x, residual, weight, name):
+        """(RMSNorm(x + residual), x + residual) in one op."""
+        out = b.ops("SkipSimplifiedLayerNormalization", [x, residual, weight], 4, name=name, domain=MS, epsilon=eps)
+        return out[0], out[3]
+
+    def simple_norm(x, weight, name):
+        return b.op("SimplifiedLayerNormalization", [x, weight], name=name, axis=-1, epsilon=eps, stash_type=1)
+
+    layers = lm.layers[:L]
+    present = []
+    residual = embeds
+    normed = simple_norm(embeds, norm_weight(layers[0].input_layernorm, "layers.0.input_layernorm.weight"),
+                         "layers.0.input_layernorm")
+    for i, layer in enumerate(layers):
+        p = f"layers.{i}"
+        m = f"language_model.layers.{i}"
+        attn = layer.self_attn
+        q, k, v = (linear(normed, getattr(attn, n), f"{m}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj"))
+        q = b.op("RotaryEmbedding", [q, positions, cos_cache, sin_cache], name=f"{p}.q_rotary", domain=MS)
+        k = b.op("RotaryEmbedding", [k, positions, cos_cache, sin_cache], name=f"{p}.k_rotary", domain=MS)
+        out, pk, pv = b.ops("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total], 3,
+                            name=f"{p}.self_attn.gqa", domain=MS, num_heads=n_heads, kv_num_heads=kv,
+                            scale=float(attn.scaling))
+        pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
+        pk.shape = pv.shape = ir.Shape(["batch", kv, "present_sequence", hd])
+        pk.type = pv.type = ir.TensorType(f32)
+        present += [pk, pv]
+        h = linear(out, attn.o_proj, f"{m}.self_attn.o_proj")
+        post = norm_weight(layer.post_attention_layernorm, f"{p}.post_attention_layernorm.weight")
+        if site is None:
+            normed, residual = skip_norm(h, residual, post, f"{p}.post_attention_layernorm")
+        else:
+            residual = site(residual, h, i, 0)
+            normed = simple_norm(residual, post, f"{p}.post_attention_layernorm")
+        mlp = layer.mlp
+        gate, up = linear(normed, mlp.gate_proj, f"{m}.mlp.gate_proj"), linear(normed, mlp.up_proj, f"{m}.mlp.up_proj")
+        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        h = linear(act, mlp.down_proj, f"{m}.mlp.down_proj")
+        if i + 1 == L:
+            break
+        nxt = norm_weight(layers[i + 1].input_layernorm, f"layers.{i + 1}.input_layernorm.weight")
+        if site is None:
+            normed, residual = skip_norm(h, residual, nxt, f"layers.{i + 1}.input_layernorm")
+        else:
+            residual = site(residual, h, i, 1)
+            normed = simple_norm(residual, nxt, f"layers.{i + 1}.input_layernorm")
+
+    # Only the last position goes through the final norm and lm_head (rows end on their last new token).
+    starts, ends = b.const("last.start", np.array([-1], np.int64)), b.const("last.end", np.array([2**62], np.int64))
+    axes = b.const("last.axes", np.array([1], np.int64))
+
+    def last(x):
+        return b.op("Slice", [x, starts, ends, axes])
+
+    final = norm_weight(lm.norm, "norm.weight")
+    if site is None:
+        normed, _ = skip_norm(last(h), last(residual), final, "norm")
+    else:
+        normed = simple_norm(site(last(residual), last(h), L - 1, 1), final, "norm")
+    logits = linear(normed, model.lm_head, "lm_head")
+    logits.name, logits.shape, logits.type = "logits", ir.Shape(["batch", 1, V]), ir.TensorType(f32)
+
+    graph = ir.Graph(inputs, [logits, *present], nodes=b.tape.nodes, initializers=b.tape.initializers,
+                     opset_imports={"": 18, MS: 1}, name="decoder_ort_native")
+    return ir.Model(graph, ir_version=10, producer_name="vlexport", metadata_props={"vlexport.form": FORM})
+
+
+def _slot_sites(b: _Builder, L: int, H: int, inputs: list):
+    """Declare the decoder's slot inputs, split them once into per-(layer, site) pieces, and return
+    site(x, h, layer, site) = x + h + s * up(act(down(a*x + b*h))), as export/parts.py's bottleneck_slot."""
+    import onnx_ir as ir
+
+    names = dict(zip(FIELDS, slot_input_names("decoder")))
+    shapes = {"down_weight": [L, 2, "decoder_adapter_width", H], "down_bias": [L, 2, "decoder_adapter_width"],
+              "up_weight": [L, 2, H, "decoder_adapter_width"], "up_bias": [L, 2, H], "mix": [L, 2, 3],
+              "activation": [L, 2, len(ACTIVATIONS)]}
+    fed = {}
+    for field in FIELDS:
+        fed[field] = ir.Value(name=names[field], type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shapes[field]))
+        inputs.append(fed[field])
+    n = 2 * L
+
+    def split(x, shape, perm=None):
+        x = b.op("Reshape", [x, b.const(f"slot_shape_{len(b.tape.nodes)}", np.array(shape, np.int64))])
+        if perm:
+            x = b.op("Transpose", [x], perm=perm)
+        return b.ops("Split", [x], n, axis=0, num_outputs=n)
+
+    down_w = split(fed["down_weight"], [n, -1, H], [0, 2, 1])  # each [1, H, r]: z @ down_w
+    down_b = split(fed["down_bias"], [n, 1, -1])  # each [1, 1, r]
+    up_w = split(fed["up_weight"], [n, H, -1], [0, 2, 1])  # each [1, r, H]
+    up_b = split(fed["up_bias"], [n, 1, H])
+    mix = split(fed["mix"], [n, 3])  # each [1, 3]
+    act = split(fed["activation"], [n, len(ACTIVATIONS)])
+    mix = [b.ops("Split", [m], 3, axis=1, num_outputs=3) for m in mix]  # (a, b, s), each [1, 1]
+    act = [b.ops("Split", [a], len(ACTIVATIONS), axis=1, num_outputs=len(ACTIVATIONS)) for a in act]
+
+    def site(x, h, layer, s):
+        j = 2 * layer + s
+        a_, b_, scale = mix[j]
+        z = b.op("Add", [b.op("Mul", [x, a_]), b.op("Mul", [h, b_])])
+        u = b.op("Add", [b.op("MatMul", [z, down_w[j]]), down_b[j]])
+        relu, silu, gelu, tanh = act[j]
+        y = b.op("Add", [b.op("Add", [b.op("Mul", [b.op("Relu", [u]), relu]),
+                                      b.op("Mul", [b.op("Mul", [u, b.op("Sigmoid", [u])]), silu])]),
+                         b.op("Add", [b.op("Mul", [b.op("Gelu", [u], domain=MS), gelu]),
+                                      b.op("Mul", [b.op("Tanh", [u]), tanh])])])
+        y = b.op("Add", [b.op("MatMul", [y, up_w[j]]), up_b[j]])
+        return b.op("Add", [b.op("Add", [x, h]), b.op("Mul", [y, scale])])
+
+    return site
+
+
+def write_native_decoder(model, path: Path, slots: bool = False) -> Path:
+    """Write the native decoder to path (+ path.data), replacing what is there (the portable graph)."""
+    import onnx_ir as ir
+
+    from ..files import remove_part
+
+    built = build_native_decoder(model, slots)
+    remove_part(path)
+    ir.save(built, str(path), external_data=path.name + ".data")
+    return path
+
+
+def check_cases(num_layers: int, hidden: int, slots: bool, seed: int = 0) -> list[dict]:
+    """Inputs for the export check, in the native convention. Each case: batch, new tokens S, past length P (the
+    past array's width), each row's valid past length, the first new position of each row, and slot tensors.
+
+    Prefill of one row (with and without a prefix, both position conventions), batch-1 decode, a multi-row decode
+    whose rows hold different lengths (right-padded past), and a 2-row prompt; GroupQueryAttention takes S > 1 with a
+    past for batch 1 only, which is how backends/ort_kv.py prefills."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cases = [dict(batch=1, new=9, past=0, past_lens=[0], first=[0]),
+             dict(batch=1, new=5, past=4, past_lens=[4], first=[0]),  # AdapterHub prefix: real tokens from 0
+             dict(batch=1, new=5, past=4, past_lens=[4], first=[4]),  # PEFT prefix: real tokens from P
+             dict(batch=1, new=1, past=12, past_lens=[12], first=[12]),
+             dict(batch=3, new=1, past=7, past_lens=[7, 5, 3], first=[7, 5, 3]),
+             dict(batch=2, new=6, past=0, past_lens=[0, 0], first=[0, 0])]
+    variants = [(3, (0.0, 1.0, 2.0), 1), (0, None, None), (5, (1.0, 0.0, 4.0), 2), (4, (1.0, 1.0, 1.0), 3)]
+    for i, case in enumerate(cases):
+        case["slot"] = _slot_tensors(num_layers, hidden, *variants[i % len(variants)], g) if slots else ()
+    return cases
+
+
+def _slot_tensors(layers, dim, width, mix, act, g):
+    import torch
+
+    if width == 0:
+        return tuple(torch.from_numpy(t) for t in empty_feed("decoder", layers, dim).values())
+    activation = torch.zeros(layers, 2, len(ACTIVATIONS))
+    activation[..., act] = 1.0
+    return (0.1 * torch.randn(layers, 2, width, dim, generator=g), 0.1 * torch.randn(layers, 2, width, generator=g),
+            0.1 * torch.randn(layers, 2, dim, width, generator=g), 0.1 * torch.randn(layers, 2, dim, generator=g),
+            torch.tensor(mix).expand(layers, 2, 3).contiguous(), activation)
+
+
+def case_inputs(case: dict, num_layers: int, kv: int, head_dim: int, hidden: int, seed: int = 0):
+    """(torch DecoderPart args, native ORT feed) for one check case. The portable convention sees each row's
+    valid past then its new tokens, with the unused past positions masked out; the native one sees a ones-first
+    mask of each row's length."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    b, s, p = case["batch"], case["new"], case["past"]
+    embeds = torch.randn(b, s, hidden, generator=g)
+    past = [torch.randn(b, kv, p, head_dim, generator=g) for _ in range(2 * num_layers)]
+    portable_mask = torch.zeros(b, p + s, dtype=torch.long)
+    native_mask = torch.zeros(b, p + s, dtype=torch.long)
+    positions = torch.zeros(b, s, dtype=torch.long)
+    for r, (n, first) in enumerate(zip(case["past_lens"], case["first"])):
+        portable_mask[r, :n], portable_mask[r, p:] = 1, 1
+        native_mask[r, : n + s] = 1
+        positions[r] = first + torch.arange(s)
+    args = (embeds, portable_mask, positions, *past, *case["slot"])
+    feed = {"inputs_embeds": embeds.numpy(), "attention_mask": native_mask.numpy(), "position_ids": positions.numpy()}
+    for i in range(num_layers):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i].numpy(), past[2 * i + 1].numpy()
+    feed.update({name: t.numpy() for name, t in zip(slot_input_names("decoder"), case["slot"])})
+    return args, feed
+
+
+def portable_present_rows(present: np.ndarray, case: dict) -> list[np.ndarray]:
+    """Each row's valid keys/values [kv, len, hd] from a portable present (past positions, then the new ones)."""
+    p = case["past"]
+    return [np.concatenate([present[r, :, :n], present[r, :, p:]], axis=1) for r, n in enumerate(case["past_lens"])]
+
+
+def check_native_decoder(module, onnx_path: Path, rel_tol: float, slots: bool = False, label: str = "decoder") -> dict:
+    """ONNX Runtime on the native graph against the torch DecoderPart on check_cases(); raise ParityError naming the
+    part, its form and the output when they differ by more than rel_tol (relative to max(1, max|torch|))."""
+    import onnxruntime as ort
+    import torch
+
+    cfg = module.text_config
+    L, kv, H = module.num_layers, cfg.num_key_value_heads, cfg.hidden_size
+    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    worst: dict[str, float] = {}
+    for k, case in enumerate(check_cases(L, H, slots)):
+        args, feed = case_inputs(case, L, kv, hd, H, seed=k)
+        with torch.no_grad():
+            expected = dict(zip(names, (t.numpy() for t in module(*args))))
+        got = dict(zip(names, session.run(names, feed)))
+        shape = f"batch {case['batch']}, {case['new']} new token(s), past {case['past_lens']}"
+        for name in names:
+            want, have = expected[name], got[name]
+            if name.startswith("present."):
+                have = [have[r, :, : n + case["new"]] for r, n in enumerate(case["past_lens"])]
+                want = portable_present_rows(want, case)
+            else:
+                want, have = [want], [have]
+            for w, h in zip(want, have):
+                if w.shape != h.shape:
+                    raise ParityError(f"export check failed: part '{label}' ({FORM} form) output '{name}' has shape "
+                                      f"{h.shape} in ONNX Runtime but {w.shape} in torch ({shape})")
+                err = float(np.abs(w - h).max()) / max(1.0, float(np.abs(w).max())) if w.size else 0.0
+                worst[name] = max(worst.get(name, 0.0), err)
+                if not err <= rel_tol:
+                    raise ParityError(
+                        f"export check failed: part '{label}' ({FORM} form) output '{name}' differs from torch by "
+                        f"{err:.3g} (relative to its scale; allowed {rel_tol:g}) for {shape}")
+    return {"form": FORM, "outputs_checked": len(worst), "cases": k + 1,
+            "max_rel_error": max(worst.values()) if worst else 0.0}
+
+
+def drop_fp32_output_casts(model) -> int:
+    """Rewire graph outputs that onnxruntime's float16 converter (keep_io_types) routes through Casts from an op it
+    kept in FP32 (GroupQueryAttention's present, cast to fp16 and back): those Casts round the cache to fp16 and copy
+    all of it every step into a second buffer, so past and present would no longer be one buffer. Works on an onnx
+    ModelProto in place; returns how many outputs were rewired."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    rewired = 0
+    for output in graph.output:
+        chain, node = [], producer.get(output.name)
+        while node is not None and node.op_type == "Cast":
+            chain.append(node)
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "GroupQueryAttention" or not chain:
+            continue
+        if any(consumers.get(c.output[0], 0) > 1 for c in chain[1:]):
+            continue  # an intermediate cast feeds something else too
+        source = chain[-1].input[0]
+        if consumers.get(source, 0) > 1:
+            continue
+        node.output[list(node.output).index(source)] = output.name
+        for cast in chain:
+            graph.node.remove(cast)
+        for v in [v for v in graph.value_info if v.name in {source, *(c.output[0] for c in chain)}]:
+            graph.value_info.remove(v)
+        rewired += 1
+    return rewired

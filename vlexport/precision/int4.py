@@ -1,0 +1,331 @@
+"""INT4 weight-only language parts, one form per backend (../shared/notes/onnxruntime-cpu.md, tensorrt.md).
+
+  matmulnbits  ONNX Runtime: MatMulNBits 4-bit (com.microsoft), blocks of 32/64/128 along the input channels,
+               symmetric or with zero points, INT8 arithmetic inside the kernel (accuracy level 4). Written by
+               onnxruntime.quantization's MatMulNBitsQuantizer with RTN (its default quantizer), HQQ, or GPTQ on the
+               calibration set (the quantizer's bundled neural-compressor GPTQ).
+  qdq          TensorRT 10: each weight becomes an INT4 initializer behind a blocked DequantizeLinear (opset 21,
+               block 128 along K, or 64 where K is not a multiple of 128; symmetric, positive scales max|w|/7, no
+               zero point), which TensorRT's explicit-quantization path reads (trtexec --int4). Not the quantizer's
+               own QDQ format: it maps each block's signed extreme to -8, which gives the negative scales TensorRT
+               refuses. Packing is onnx's (numpy_helper with ml_dtypes.int4).
+
+Products the sensitivity fallback keeps (precision/sensitivity.py) are written at INT8 weight-only (MatMulNBits
+8-bit) on ONNX Runtime, or left FP32 (TensorRT builds them in FP16). `lm_head` is INT4 or INT8 (an option). The
+embedding table is never quantized: it is the embed part, a lookup, which vlexport ships in FP32/FP16.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VlexportError
+from ..files import remove_part
+
+ALGOS = ("rtn", "hqq", "gptq")
+BLOCK_SIZES = (32, 64, 128)
+TENSORRT_BLOCK = 128  # TensorRT supports INT4 blocks of 64 and 128; Edge-LLM and ModelOpt use 128
+KEEP_PRECISIONS = ("int8", "fp32")
+LM_HEAD_PRECISIONS = ("int4", "int8")
+ACCURACY_LEVEL = 4  # INT8 activations inside MatMulNBits' kernel; level 0 (FP32 arithmetic) measured 16x slower at INT8
+INT4_DEFAULTS = {"block_size": 32, "algo": "rtn", "symmetric": True, "lm_head": "int8", "keep": "int8",
+                 "fallback": True, "awq": True}
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    block_size: int = 32  # elements along K that share one scale
+    algo: str = "rtn"  # rtn | hqq | gptq (gptq runs on the calibration set)
+    symmetric: bool = True  # False: a zero point per block (hqq always has one)
+    lm_head: str = "int8"  # int4 | int8
+    keep: str = "int8"  # precision of the products the fallback keeps: int8 | fp32
+    fallback: bool = True
+    awq: bool = True  # activation-aware scales from the calibration set, folded into the norms before export
+
+    def block_for(self, backend: str) -> int:
+        return TENSORRT_BLOCK if backend == "tensorrt" else self.block_size
+
+    def keep_for(self, backend: str) -> str:
+        return "fp32" if backend == "tensorrt" else self.keep  # TensorRT: a kept product builds in FP16
+
+
+def _bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise VlexportError(f"int4 option {key}={value!r}: use true or false")
+
+
+def int4_options(profile_section: dict, overrides: str | None = None) -> Int4Options:
+    """The target's [int4] section with `--int4 key=value,...` applied, validated."""
+    values = {**INT4_DEFAULTS, **profile_section}
+    for item in (overrides or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise VlexportError(f"--int4 '{overrides}': expected KEY=VALUE[,KEY=VALUE...], e.g. block_size=64,algo=hqq")
+        key, value = (s.strip() for s in item.split("=", 1))
+        values[key] = value
+    unknown = set(values) - set(INT4_DEFAULTS)
+    if unknown:
+        raise VlexportError(f"int4 option(s) {', '.join(sorted(unknown))} unknown: use {', '.join(INT4_DEFAULTS)}")
+    try:
+        block = int(values["block_size"])
+    except (TypeError, ValueError):
+        block = -1
+    if block not in BLOCK_SIZES:
+        raise VlexportError(f"int4 option block_size={values['block_size']!r}: use one of "
+                            f"{', '.join(map(str, BLOCK_SIZES))}")
+    for key, allowed in (("algo", ALGOS), ("lm_head", LM_HEAD_PRECISIONS), ("keep", KEEP_PRECISIONS)):
+        if values[key] not in allowed:
+            raise VlexportError(f"int4 option {key}={values[key]!r}: use one of {', '.join(allowed)}")
+    symmetric = _bool("symmetric", values["symmetric"])
+    if values["algo"] == "hqq" and symmetric:
+        symmetric = False  # HQQ optimises a scale and a zero point per block; it has no symmetric form
+    return Int4Options(block, values["algo"], symmetric, values["lm_head"], values["keep"],
+                       _bool("fallback", values["fallback"]), _bool("awq", values["awq"]))
+
+
+def check_int4_buildable(target, opts: Int4Options) -> None:
+    """INT4 is for the language part, and TensorRT reads only its symmetric RTN Q/DQ form."""
+    for part in ("vision", "embed"):
+        if target.precision.get(part) == "int4":
+            why = ("the embedding part is a table lookup; vlexport keeps it unquantized" if part == "embed" else
+                   "INT4 weight-only is built for the language part; the vision part stays FP16/INT8")
+            raise VlexportError(f"target '{target.name}' asks for {part}=int4: {why}; use {part}=fp16 or fp32"
+                                + (" (or int8 for vision)" if part == "vision" else ""))
+    if target.precision.get("decoder") != "int4" or target.backend != "tensorrt":
+        return
+    if opts.algo != "rtn":
+        raise VlexportError(f"target '{target.name}': --int4 algo={opts.algo} writes MatMulNBits, an ONNX Runtime op "
+                            "TensorRT cannot import; TensorRT INT4 parts use algo=rtn (blocked DequantizeLinear)")
+    if not opts.symmetric:
+        raise VlexportError(f"target '{target.name}': TensorRT INT4 is symmetric only (zero point 0); drop "
+                            "--int4 symmetric=false")
+
+
+def quantize_int4(src: Path, dst: Path, form: str, opts: Int4Options, int4_nodes: list[str], int8_nodes: list[str],
+                  block: int, reader=None) -> None:
+    """Write src with `int4_nodes` at INT4 and `int8_nodes` at INT8 weight-only to dst (+ dst.data)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_part(dst)  # each try of the fallback search starts clean
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice and opset warnings on the root logger
+    try:
+        _quantize(src, dst, form, opts, int4_nodes, int8_nodes, block, reader)
+    finally:
+        root.setLevel(level)
+    for path in (dst, dst.with_name(dst.name + ".data")):
+        if path.exists():
+            os.chmod(path, 0o644)
+
+
+def _every_weight_matmul(model) -> list[str]:
+    from .int8 import weight_matmuls
+
+    return [m.node for m in weight_matmuls(model)]
+
+
+def _quantize(src: Path, dst: Path, form: str, opts: Int4Options, int4_nodes: list[str], int8_nodes: list[str],
+              block: int, reader) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    model = onnx.load(str(src))
+    every = _every_weight_matmul(model)
+    if int4_nodes and form == "qdq":
+        _blocked_dequantize(model, int4_nodes, block)
+    elif int4_nodes:
+        if opts.algo == "gptq":
+            model = _gptq(model, src, every, int4_nodes, opts, block, reader)
+        else:
+            fmt = QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator
+            if opts.algo == "hqq":
+                config = HQQWeightOnlyQuantConfig(block_size=block, bits=4, op_types_to_quantize=("MatMul",))
+            else:
+                config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=opts.symmetric,
+                                                      accuracy_level=ACCURACY_LEVEL if fmt == QuantFormat.QOperator else None,
+                                                      quant_format=fmt, op_types_to_quantize=("MatMul",), bits=4)
+            q = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=opts.symmetric,
+                                     accuracy_level=ACCURACY_LEVEL, quant_format=fmt,
+                                     nodes_to_exclude=[n for n in every if n not in set(int4_nodes)],
+                                     op_types_to_quantize=("MatMul",), algo_config=config)
+            q.process()
+            model = q.model.model
+    if int8_nodes:
+        from .int8 import WEIGHT_ONLY_BLOCK
+
+        remaining = _every_weight_matmul(model)  # the INT4 products are MatMulNBits/DQ now, not MatMul
+        q = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                 accuracy_level=ACCURACY_LEVEL,
+                                 nodes_to_exclude=[n for n in remaining if n not in set(int8_nodes)],
+                                 op_types_to_quantize=("MatMul",))
+        q.process()
+        model = q.model.model
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+def tensorrt_block(k: int, block: int = TENSORRT_BLOCK) -> int | None:
+    """The INT4 block TensorRT can take for a weight with k input channels: 128, else 64, else none (kept FP16)."""
+    return next((b for b in (block, 64) if k % b == 0), None)
+
+
+def _blocked_dequantize(model, nodes: list[str], block: int) -> None:
+    """MatMul(x, W) -> MatMul(x, DequantizeLinear(Q, S, axis=0, block_size=b)) for each node, in place: Q INT4
+    [K, N], S [K/b, N] = max|W_block| / 7 (positive; TensorRT's INT4 is symmetric, zero point 0)."""
+    import ml_dtypes
+    from onnx import helper, numpy_helper
+
+    wanted = set(nodes)
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes, drop = [], set()
+    for node in model.graph.node:
+        if node.name not in wanted or node.op_type != "MatMul":
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        b = tensorrt_block(w.shape[0], block) if w.ndim == 2 else None
+        if b is None:  # TensorRT needs whole blocks of 64 or 128: this product stays FP32 (FP16 in the engine)
+            new_nodes.append(node)
+            continue
+        k, n = w.shape
+        scale = np.abs(w.reshape(k // b, b, n)).max(axis=1) / 7.0
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        q = np.clip(np.round(w / np.repeat(scale, b, axis=0)), -8, 7).astype(np.int8).astype(ml_dtypes.int4)
+        qname, sname = f"{node.input[1]}_int4", f"{node.input[1]}_int4_scale"
+        model.graph.initializer.extend([numpy_helper.from_array(q, qname), numpy_helper.from_array(scale, sname)])
+        drop.add(node.input[1])
+        new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [f"{qname}_dq"], name=f"{node.name}_DQ_Q4",
+                                          axis=0, block_size=b))
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], f"{qname}_dq"], list(node.output), name=node.name))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if not (i.name in drop and i.name not in used)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version < 21:
+            imp.version = 21  # INT4 and block_size on DequantizeLinear exist from opset 21 (IR 10)
+    model.ir_version = max(model.ir_version, 10)
+
+
+def _gptq(model, src: Path, every: list[str], int4_nodes: list[str], opts: Int4Options, block: int, reader):
+    """GPTQ through the quantizer's own implementation, with every product not asked for at INT4 left alone (the
+    quantizer's nodes_to_exclude only reaches its RTN path, so the per-node config is given here)."""
+    from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+    if reader is None:
+        raise VlexportError("--int4 algo=gptq needs the calibration set (it is run through the FP32 part)")
+    wanted = set(int4_nodes)
+    scheme = "sym" if opts.symmetric else "asym"
+    config = {n: ({"bits": 4, "group_size": block, "scheme": scheme} if n in wanted else "fp32") for n in every}
+    reader.rewind()
+
+    def batches():
+        for feed in iter(reader.get_next, None):
+            yield feed, None
+
+    # The quantizer's GPTQ runs the model it is given from bytes: give it the loaded model, weights inline.
+    out = gptq_quantize(model=model, weight_config=config, dataloader=batches(), n_samples=-1, percdamp=0.01,
+                        blocksize=128, actorder=False, mse=False, perchannel=True, accuracy_level=ACCURACY_LEVEL)
+    return out.model if hasattr(out, "model") else out
+
+
+def int4_emulator(block: int, symmetric: bool, int8_activations: bool = True):
+    """emulated_error_int4 as rank() calls it, (x, w) -> errors, with each weight quantized once, not per feed."""
+    cache: dict[int, np.ndarray] = {}
+
+    def emulate(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+        if id(w) not in cache:
+            cache[id(w)] = _dequantized_for(w.astype(np.float64), block, symmetric, int8_activations)
+        return emulated_error_int4(x, w, block, symmetric, int8_activations, wq=cache[id(w)])
+
+    return emulate
+
+
+def _dequantized_for(w: np.ndarray, block: int, symmetric: bool, int8_activations: bool) -> np.ndarray:
+    if int8_activations:
+        return dequantized(w, block, symmetric, 4)
+    b = tensorrt_block(w.shape[0], block)
+    return w if b is None else dequantized(w, b, True, 4, signed_max=False)  # TensorRT: unblockable stays FP
+
+
+def emulated_error_int4(x: np.ndarray, w: np.ndarray, block: int, symmetric: bool,
+                        int8_activations: bool = True, wq: np.ndarray | None = None) -> tuple[float, float]:
+    """(||Q8(x) Q4(w) - x w||^2, ||x w||^2) for one product as MatMulNBits computes it at accuracy level 4: w [K, N]
+    in INT4 blocks along K (round to nearest: symmetric maps the block's signed absolute maximum to -8, asymmetric
+    spreads min..max over 15 steps with a zero point), and x quantized to INT8 per row in blocks of the same length,
+    which is what makes activation outliers costly. int8_activations=False is TensorRT's form: FP activations,
+    scales max|w|/7 in blocks of 128 (or 64). For ranking only: HQQ and GPTQ round better."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    w = w.astype(np.float64)
+    ref = x @ w
+    wq = _dequantized_for(w, block, symmetric, int8_activations) if wq is None else wq
+    got = (quantized_activations(x, block) if int8_activations else x) @ wq
+    return float(np.square(got - ref).sum()), float(np.square(ref).sum())
+
+
+def emulated_error_int8_weight_only(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """The same for an INT8 weight-only product (MatMulNBits 8-bit, block 32, symmetric, INT8 activations)."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    w = w.astype(np.float64)
+    ref = x @ w
+    got = quantized_activations(x, 32) @ dequantized(w, 32, True, 8)
+    return float(np.square(got - ref).sum()), float(np.square(ref).sum())
+
+
+def quantized_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """x [M, K] through symmetric INT8 per row and block of K (MatMulNBits' CompInt8 path) and back."""
+    return dequantized(x.T, block, True, 8, signed_max=False).T
+
+
+def dequantized(w: np.ndarray, block: int, symmetric: bool, bits: int, signed_max: bool = True) -> np.ndarray:
+    """w [K, N] through blockwise round-to-nearest along K and back (the last block may be short).
+
+    signed_max: ONNX Runtime's weight quantizer maps the block's signed extreme to -2^(bits-1) (using the whole
+    range); activations are scaled by max|x| / (2^(bits-1) - 1)."""
+    k, n = w.shape
+    pad = (-k) % block
+    wp = np.concatenate([w, np.zeros((pad, n), w.dtype)]) if pad else w
+    blocks = wp.reshape(-1, block, n)
+    top = 2 ** (bits - 1)
+    if symmetric:
+        hi, lo = blocks.max(axis=1, keepdims=True), blocks.min(axis=1, keepdims=True)
+        if signed_max:
+            scale = np.where(np.abs(hi) > np.abs(lo), hi, lo) / -float(top)
+        else:
+            scale = np.maximum(np.abs(hi), np.abs(lo)) / float(top - 1)
+        safe = np.where(scale == 0, 1.0, scale)
+        q = np.where(scale == 0, 0, np.clip(np.round(blocks / safe), -top, top - 1))
+        out = q * scale
+    else:
+        steps = float(2 ** bits - 1)
+        lo = np.minimum(blocks.min(axis=1, keepdims=True), 0)
+        hi = np.maximum(blocks.max(axis=1, keepdims=True), 0)
+        scale = (hi - lo) / steps
+        safe = np.where(scale == 0, 1.0, scale)
+        zp = np.where(scale == 0, top, np.clip(np.round(-lo / safe), 0, steps))
+        q = np.clip(np.round(blocks / safe + zp), 0, steps)
+        out = (q - zp) * scale
+    return out.reshape(-1, n)[:k]
+
+
+def dequantized_int4(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+    return dequantized(w, block, symmetric, 4)
+
+
+def lm_head_nodes(matmuls) -> list[str]:
+    import re
+
+    # The exporter names the module "lm_head" (or "lm_head/MatMul" in a fused graph); never a layer's product.
+    return [m.node for m in matmuls if re.search(r"(^|[./])lm_head($|[./])", m.module)]
