@@ -23,6 +23,14 @@ def tiny_gqa_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def outlier_base(tmp_path_factory):
+    """The tiny base with injected activation outliers: what INT8/INT4 lowering must survive."""
+    from vlexport.fixture import make_llava
+
+    return make_llava(tmp_path_factory.mktemp("outliers") / "llava", "tiny", seed=0, outliers=True)
+
+
+@pytest.fixture(scope="session")
 def full_lora(tiny_base, tmp_path_factory):
     """The issue's adapter: vision + projector + language, DoRA, rsLoRA with patterns, lm_head in modules_to_save."""
     from vlexport.fixture import make_lora

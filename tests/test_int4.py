@@ -27,13 +27,6 @@ def cache(tmp_path_factory, monkeypatch_module):
     return path
 
 
-@pytest.fixture(scope="module")
-def outlier_base(tmp_path_factory):
-    from vlexport.fixture import make_llava
-
-    return make_llava(tmp_path_factory.mktemp("int4-outliers") / "llava", "tiny", seed=0, outliers=True)
-
-
 def build(*args):
     return CliRunner().invoke(app, ["build", *map(str, args)])
 

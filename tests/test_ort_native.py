@@ -204,6 +204,7 @@ def test_export_check_passes_and_names_a_broken_output(gqa_model, native, tmp_pa
         ort_native.check_native_decoder(module, broken, TOL)
 
 
+@pytest.mark.slow  # about a minute; every cpu build in the default suite goes through the native form
 def test_cpu_build_ships_the_native_decoder_and_records_each_form(tiny_base, tmp_path):
     """A bank with a task of its own merged LoRA: the base decoder and the task's decoder are both ORT-native (and
     checked against torch at build time), the other parts portable; the task's decoder holds its merged weights."""

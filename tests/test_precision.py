@@ -26,13 +26,6 @@ def monkeypatch_module():
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def outlier_base(tmp_path_factory):
-    from vlexport.fixture import make_llava
-
-    return make_llava(tmp_path_factory.mktemp("outliers") / "llava", "tiny", seed=0, outliers=True)
-
-
 def build(*args):
     return CliRunner().invoke(app, ["build", *map(str, args)])
 

@@ -395,6 +395,10 @@ def _native_decoder(state: BuildState, model, module, path: Path, label: str) ->
     same merged weights, and checked against torch. Returns that check, or None where the portable graph stays."""
     if state.prof.backend != "onnxruntime":
         return None  # TensorRT cannot import the contrib ops
+    if state.prof.precision.get("decoder") == "int8" and state.int8_opts.form == "qdq":
+        # --int8 form=qdq asks for TensorRT's Q/DQ graph (to check or ship it), which contrib ops would spoil.
+        state.log(f"{label}: the portable form ships (int8 form=qdq is TensorRT's graph)")
+        return None
     reason = ort_native.unsupported_reason(model)
     if reason:
         state.log(f"{label}: the portable form ships ({reason})")

@@ -57,3 +57,14 @@ def check_finite(tensors: dict, source: Path) -> None:
                 f"adapter '{source}': tensor '{key}' has {n_bad} NaN/Inf values; the adapter is corrupt or "
                 "training diverged: use a checkpoint from before the divergence"
             )
+
+
+def peft_weights_file(path: Path) -> Path:
+    """The weights of a PEFT adapter given as its directory (adapter_model.safetensors, else .bin) or as the file."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).exists():
+            return path / name
+    raise VlexportError(f"adapter directory '{path}' has no adapter_model.safetensors or adapter_model.bin")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import VlexportError
 from ..files import read_json, sha256_file
-from .io import check_finite, read_tensors
+from .io import check_finite, peft_weights_file, read_tensors
 from .keymap import PEFT_PREFIX, keeps_text_layer, normalize_key
 
 # LoraConfig options whose non-default values we merge exactly.
@@ -379,12 +379,7 @@ def read_peft_lora(path: Path, weights: Path | None = None) -> LoraAdapter:
     folder = path if path.is_dir() else path.parent
     config_path = folder / "adapter_config.json"
     if weights is None:
-        if path.is_dir():
-            weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).exists()), None)
-            if weights is None:
-                raise VlexportError(f"adapter directory '{path}' has no adapter_model.safetensors or adapter_model.bin")
-        else:
-            weights = path
+        weights = peft_weights_file(path)
     if not config_path.exists():
         raise VlexportError(
             f"LoRA file '{weights}' has no adapter_config.json beside it: LoRA alpha cannot be read from the tensors; "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import VlexportError
 from ..files import read_json, sha256_file
-from .io import check_finite, read_tensors
+from .io import check_finite, peft_weights_file, read_tensors
 from .keymap import PEFT_PREFIX, keeps_text_layer, normalize_key, part_of
 
 # Every type whose merge into LLaVA's Linear layers (and Conv2d/Embedding where the method has them) is tested
@@ -338,12 +338,7 @@ def read_peft_method(path: Path, peft_type: str) -> PeftMethodAdapter:
         why = UNSUPPORTED_TYPES.get(peft_type, "this PEFT type is not merged by vlexport")
         raise VlexportError(f"'{path}' is a PEFT {peft_type} adapter, which vlexport does not read ({why}); supported: "
                             f"LoRA, BEFT, prefix tuning, {', '.join(SUPPORTED_TYPES.values())}")
-    if path.is_dir():
-        weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).exists()), None)
-        if weights is None:
-            raise VlexportError(f"adapter directory '{path}' has no adapter_model.safetensors or adapter_model.bin")
-    else:
-        weights = path
+    weights = peft_weights_file(path)
     config = read_json(folder / "adapter_config.json")
     _check_options(config, folder / "adapter_config.json", peft_type)
     raw = read_tensors(weights)
