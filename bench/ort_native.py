@@ -32,6 +32,7 @@ def make_graphs(base: Path, work: Path, log) -> dict[str, Path]:
     import onnx
     import torch
 
+    from vlexport import slots as bottleneck
     from vlexport.export.onnx import add_slot_defaults, export_part, part_specs
     from vlexport.export.ort_native import write_native_decoder
     from vlexport.model import EXPORT_ATTENTION, facts_from_config, load_llava
@@ -49,7 +50,7 @@ def make_graphs(base: Path, work: Path, log) -> dict[str, Path]:
         if not native.exists():
             write_native_decoder(model, native, slots)
             if slots:
-                add_slot_defaults(native, "decoder", L, H)
+                add_slot_defaults(native, bottleneck.empty_feed("decoder", L, H))
         graphs[f"native{tag}"] = native
         portable = work / f"portable{tag}.onnx"
         if not portable.exists():
@@ -58,7 +59,7 @@ def make_graphs(base: Path, work: Path, log) -> dict[str, Path]:
             with torch.no_grad():
                 export_part(spec, portable)
             if slots:
-                add_slot_defaults(portable, "decoder", L, H)
+                add_slot_defaults(portable, bottleneck.empty_feed("decoder", L, H))
         graphs[f"portable{tag}"] = portable
     for name in ("native", "portable", "native-slots", "portable-slots"):
         src, dst = graphs[name], work / f"{name}.int8.onnx"

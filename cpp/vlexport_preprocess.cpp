@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <locale>
@@ -320,53 +321,37 @@ void resize_target(int width, int height, const ImageSpec& spec, int* out_width,
         throw PreprocessError("resize target must be positive (set shortest_edge, or height and width)");
 }
 
-std::vector<uint8_t> resize_rgb8(const uint8_t* rgb, int width, int height, int out_width, int out_height,
-                                 int resample) {
-    if (!rgb || width <= 0 || height <= 0) throw PreprocessError("resize: empty input image");
-    if (out_width <= 0 || out_height <= 0) throw PreprocessError("resize: output size must be positive");
-    // Validate the filter even when nothing needs resampling (Pillow rejects unknown filters first too).
-    if (resample != RESAMPLE_BICUBIC && resample != RESAMPLE_BILINEAR) (void)axis_weights(1, 1, resample);
+namespace {
 
-    const bool horizontal = out_width != width;
-    const bool vertical = out_height != height;
-    const AxisWeights ver = axis_weights(height, out_height, resample);
-    // Rows of the source the vertical pass reads; the horizontal pass only produces those.
-    const int row_first = ver.first[0];
-    const int row_end = ver.first[out_height - 1] + ver.count[out_height - 1];
-
-    const uint8_t* src = rgb;  // current image, `src_w` pixels wide, rows offset by `src_row0`
-    int src_w = width, src_row0 = 0;
-    std::vector<uint8_t> tmp;
-    if (horizontal) {
-        const AxisWeights hor = axis_weights(width, out_width, resample);
-        tmp.resize(static_cast<size_t>(row_end - row_first) * out_width * 3);
-        for (int y = row_first; y < row_end; ++y) {
-            const uint8_t* line = rgb + static_cast<size_t>(y) * width * 3;
-            uint8_t* dst = &tmp[static_cast<size_t>(y - row_first) * out_width * 3];
-            for (int x = 0; x < out_width; ++x) {
-                const int32_t* k = &hor.weights[static_cast<size_t>(x) * hor.stride];
-                const uint8_t* p = line + static_cast<size_t>(hor.first[x]) * 3;
-                int64_t a0 = 1 << (kPrecisionBits - 1), a1 = a0, a2 = a0;
-                for (int j = 0; j < hor.count[x]; ++j, p += 3) {
-                    a0 += static_cast<int64_t>(p[0]) * k[j];
-                    a1 += static_cast<int64_t>(p[1]) * k[j];
-                    a2 += static_cast<int64_t>(p[2]) * k[j];
-                }
-                dst[x * 3 + 0] = clip8(a0);
-                dst[x * 3 + 1] = clip8(a1);
-                dst[x * 3 + 2] = clip8(a2);
+// Pillow's horizontal pass over rows [row_first, row_end) of a width-wide RGB8 image -> out_width-wide rows.
+std::vector<uint8_t> horizontal_pass(const uint8_t* rgb, int width, int row_first, int row_end, int out_width,
+                                     const AxisWeights& hor) {
+    std::vector<uint8_t> out(static_cast<size_t>(row_end - row_first) * out_width * 3);
+    for (int y = row_first; y < row_end; ++y) {
+        const uint8_t* line = rgb + static_cast<size_t>(y) * width * 3;
+        uint8_t* dst = &out[static_cast<size_t>(y - row_first) * out_width * 3];
+        for (int x = 0; x < out_width; ++x) {
+            const int32_t* k = &hor.weights[static_cast<size_t>(x) * hor.stride];
+            const uint8_t* p = line + static_cast<size_t>(hor.first[x]) * 3;
+            int64_t a0 = 1 << (kPrecisionBits - 1), a1 = a0, a2 = a0;
+            for (int j = 0; j < hor.count[x]; ++j, p += 3) {
+                a0 += static_cast<int64_t>(p[0]) * k[j];
+                a1 += static_cast<int64_t>(p[1]) * k[j];
+                a2 += static_cast<int64_t>(p[2]) * k[j];
             }
+            dst[x * 3 + 0] = clip8(a0);
+            dst[x * 3 + 1] = clip8(a1);
+            dst[x * 3 + 2] = clip8(a2);
         }
-        src = tmp.data();
-        src_w = out_width;
-        src_row0 = row_first;
     }
-    if (!vertical) {
-        if (horizontal) return tmp;  // row_first..row_end is every row when the height is unchanged
-        return std::vector<uint8_t>(rgb, rgb + static_cast<size_t>(width) * height * 3);
-    }
-    std::vector<uint8_t> out(static_cast<size_t>(out_height) * src_w * 3);
-    const size_t row_bytes = static_cast<size_t>(src_w) * 3;
+    return out;
+}
+
+// Pillow's vertical pass: `src` holds rows src_row0.. of a width-wide RGB8 image -> out_height rows.
+std::vector<uint8_t> vertical_pass(const uint8_t* src, int width, int src_row0, int out_height,
+                                   const AxisWeights& ver) {
+    const size_t row_bytes = static_cast<size_t>(width) * 3;
+    std::vector<uint8_t> out(static_cast<size_t>(out_height) * row_bytes);
     std::vector<int64_t> acc(row_bytes);
     for (int y = 0; y < out_height; ++y) {
         const int32_t* k = &ver.weights[static_cast<size_t>(y) * ver.stride];
@@ -380,6 +365,36 @@ std::vector<uint8_t> resize_rgb8(const uint8_t* rgb, int width, int height, int 
         for (size_t i = 0; i < row_bytes; ++i) dst[i] = clip8(acc[i]);
     }
     return out;
+}
+
+}  // namespace
+
+std::vector<uint8_t> resize_rgb8(const uint8_t* rgb, int width, int height, int out_width, int out_height,
+                                 int resample) {
+    if (!rgb || width <= 0 || height <= 0) throw PreprocessError("resize: empty input image");
+    if (out_width <= 0 || out_height <= 0) throw PreprocessError("resize: output size must be positive");
+    // Validate the filter even when nothing needs resampling (Pillow rejects unknown filters first too).
+    if (resample != RESAMPLE_BICUBIC && resample != RESAMPLE_BILINEAR) (void)axis_weights(1, 1, resample);
+
+    const bool horizontal = out_width != width;
+    const bool vertical = out_height != height;
+    if (!horizontal && !vertical) return std::vector<uint8_t>(rgb, rgb + static_cast<size_t>(width) * height * 3);
+    const AxisWeights ver = axis_weights(height, out_height, resample);
+    if (!horizontal) return vertical_pass(rgb, width, 0, out_height, ver);
+    const AxisWeights hor = axis_weights(width, out_width, resample);
+    if (!vertical) return horizontal_pass(rgb, width, 0, height, out_width, hor);
+    // Pillow 13 (python-pillow/Pillow#9549) runs the vertical pass first when the height loses more than twice
+    // as many pixels as the width: (height - out_height) > 2 * (width - out_width). Each pass rounds to uint8, so
+    // the order changes the result. Measured against Pillow 13.0.0 on 398 random size pairs, ties included.
+    if (out_height < height && static_cast<int64_t>(height) - out_height > 2 * (static_cast<int64_t>(width) - out_width)) {
+        const std::vector<uint8_t> tmp = vertical_pass(rgb, width, 0, out_height, ver);
+        return horizontal_pass(tmp.data(), width, 0, out_height, out_width, hor);
+    }
+    // Horizontal first, on the source rows the vertical pass reads only.
+    const int row_first = ver.first[0];
+    const int row_end = ver.first[out_height - 1] + ver.count[out_height - 1];
+    const std::vector<uint8_t> tmp = horizontal_pass(rgb, width, row_first, row_end, out_width, hor);
+    return vertical_pass(tmp.data(), out_width, row_first, out_height, ver);
 }
 
 std::vector<float> preprocess(const uint8_t* rgb, int width, int height, const ImageSpec& spec, int* out_h,
@@ -529,6 +544,348 @@ ImageSpec image_spec_from_manifest(const std::string& json_text) {
     spec.do_rescale = as_bool(field("do_rescale"), "do_rescale");
     spec.do_normalize = as_bool(field("do_normalize"), "do_normalize");
     return spec;
+}
+
+// -------------------------------------------------------------------------------------------------------------------
+// Any-resolution (LLaVA-NeXT / OneVision). Every formula follows vlexport/anyres.py, which follows transformers.
+
+namespace {
+
+// Python's int(round(x, 7)) for x >= 0: round to 7 decimals (correctly rounded, as printf is), then truncate.
+int py_int_round7(double x) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.7f", x);
+    return std::atoi(buf);
+}
+
+// Python's float floor division a // b (floatobject.c's float_floor_div), for the anyres_max shrink.
+double py_floordiv(double vx, double wx) {
+    double mod = std::fmod(vx, wx);
+    double div = (vx - mod) / wx;
+    if (mod != 0.0) {
+        if ((wx < 0) != (mod < 0)) div -= 1.0;
+    }
+    if (div != 0.0) {
+        double floordiv = std::floor(div);
+        if (div - floordiv > 0.5) floordiv += 1.0;
+        return floordiv;
+    }
+    return std::copysign(0.0, vx / wx);
+}
+
+Resolution patch_output_size(int height, int width, Resolution target) {
+    const double scale_w = static_cast<double>(target.second) / width;
+    const double scale_h = static_cast<double>(target.first) / height;
+    if (scale_w < scale_h)
+        return {std::min(static_cast<int>(std::ceil(height * scale_w)), target.first), target.second};
+    return {target.first, std::min(static_cast<int>(std::ceil(width * scale_h)), target.second)};
+}
+
+// unpad_image's cut on a rows x cols feature grid: {top, bottom, left, right}.
+void unpad_bounds(int rows, int cols, int height, int width, int out[4]) {
+    const double original_aspect = static_cast<double>(width) / height;
+    const double current_aspect = static_cast<double>(cols) / rows;
+    if (original_aspect > current_aspect) {
+        const int new_h = py_int_round7(height * (static_cast<double>(cols) / width));
+        const int pad = floor_div2(rows - new_h);
+        out[0] = pad, out[1] = rows - pad, out[2] = 0, out[3] = cols;
+    } else {
+        const int new_w = py_int_round7(width * (static_cast<double>(rows) / height));
+        const int pad = floor_div2(cols - new_w);
+        out[0] = 0, out[1] = rows, out[2] = pad, out[3] = cols - pad;
+    }
+}
+
+std::vector<Resolution> as_pinpoints(const Json& v, const std::string& what) {
+    if (v.kind != Json::Array || v.items.empty())
+        throw PreprocessError(what + " must be a non-empty list of [height, width] pairs");
+    std::vector<Resolution> out;
+    for (const Json& p : v.items) {
+        if (p.kind != Json::Array || p.items.size() != 2)
+            throw PreprocessError(what + " must be a list of [height, width] pairs");
+        const int h = as_int(p.items[0], what), w = as_int(p.items[1], what);
+        if (h <= 0 || w <= 0) throw PreprocessError(what + " must hold positive sizes");
+        out.emplace_back(h, w);
+    }
+    return out;
+}
+
+std::vector<Resolution> default_pinpoints(bool onevision) {
+    if (!onevision) return {{336, 672}, {672, 336}, {672, 672}, {1008, 336}, {336, 1008}};
+    std::vector<Resolution> out;
+    for (int i = 1; i <= 6; ++i)
+        for (int j = 1; j <= 6; ++j) out.emplace_back(384 * i, 384 * j);
+    return out;
+}
+
+const Json* find_set(const Json& obj, const char* key) {  // a member that is present and not null
+    const Json* v = obj.find(key);
+    return v && v->kind != Json::Null ? v : nullptr;
+}
+
+}  // namespace
+
+Resolution select_best_resolution(int height, int width, const std::vector<Resolution>& pinpoints) {
+    if (height <= 0 || width <= 0) throw PreprocessError("image size must be positive");
+    bool found = false;
+    Resolution best{0, 0};
+    int64_t best_effective = 0;
+    double best_wasted = std::numeric_limits<double>::infinity();
+    for (const Resolution& p : pinpoints) {
+        const double scale = std::min(static_cast<double>(p.second) / width, static_cast<double>(p.first) / height);
+        const int64_t dw = static_cast<int64_t>(width * scale), dh = static_cast<int64_t>(height * scale);
+        const int64_t effective = std::min(dw * dh, static_cast<int64_t>(width) * height);
+        const double wasted = static_cast<double>(static_cast<int64_t>(p.first) * p.second - effective);
+        if (effective > best_effective || (effective == best_effective && wasted < best_wasted)) {
+            best = p, best_effective = effective, best_wasted = wasted, found = true;
+        }
+    }
+    if (!found) throw PreprocessError("image_grid_pinpoints gives no resolution for this image");
+    return best;
+}
+
+std::vector<float> preprocess_anyres(const uint8_t* rgb, int width, int height, const AnyResSpec& spec,
+                                     int* num_tiles, int* tile_h, int* tile_w) {
+    if (!rgb || width <= 0 || height <= 0) throw PreprocessError("preprocess_anyres: empty input image");
+    if (spec.tile <= 0 || spec.base_height <= 0 || spec.base_width <= 0)
+        throw PreprocessError("preprocess_anyres: tile and base sizes must be positive");
+    const Resolution best = select_best_resolution(height, width, spec.grid_pinpoints);
+    const Resolution fit = patch_output_size(height, width, best);
+    const std::vector<uint8_t> fitted = resize_rgb8(rgb, width, height, fit.second, fit.first, spec.tile_spec.resample);
+    // Centred zero padding, the odd pixel after (bottom / right), as _get_padding_size's divmod.
+    const int top = (best.first - fit.first) / 2, left = (best.second - fit.second) / 2;
+    std::vector<uint8_t> padded(static_cast<size_t>(best.first) * best.second * 3, 0);
+    for (int y = 0; y < fit.first; ++y)
+        std::copy_n(&fitted[static_cast<size_t>(y) * fit.second * 3], static_cast<size_t>(fit.second) * 3,
+                    &padded[(static_cast<size_t>(y + top) * best.second + left) * 3]);
+
+    std::vector<float> out;
+    int n = 0, vh = 0, vw = 0;
+    auto add_view = [&](const std::vector<uint8_t>& view, int w, int h) {
+        int oh = 0, ow = 0;
+        const std::vector<float> t = preprocess(view.data(), w, h, spec.tile_spec, &oh, &ow);
+        if (n > 0 && (oh != vh || ow != vw)) throw PreprocessError("preprocess_anyres: views of different sizes");
+        vh = oh, vw = ow, ++n;
+        out.insert(out.end(), t.begin(), t.end());
+    };
+    add_view(resize_rgb8(rgb, width, height, spec.base_width, spec.base_height, spec.tile_spec.resample),
+             spec.base_width, spec.base_height);
+    const int t = spec.tile;
+    for (int i = 0; i < best.first; i += t) {
+        for (int j = 0; j < best.second; j += t) {
+            const int th = std::min(t, best.first - i), tw = std::min(t, best.second - j);
+            std::vector<uint8_t> view(static_cast<size_t>(th) * tw * 3);
+            for (int y = 0; y < th; ++y)
+                std::copy_n(&padded[(static_cast<size_t>(i + y) * best.second + j) * 3], static_cast<size_t>(tw) * 3,
+                            &view[static_cast<size_t>(y) * tw * 3]);
+            add_view(view, tw, th);
+        }
+    }
+    *num_tiles = n;
+    *tile_h = vh;
+    *tile_w = vw;
+    return out;
+}
+
+int anyres_num_tiles(int height, int width, const AnyResGeometry& g) {
+    const Resolution best = select_best_resolution(height, width, g.grid_pinpoints);
+    const int rows = (best.first + g.tile - 1) / g.tile, cols = (best.second + g.tile - 1) / g.tile;
+    return rows * cols + 1;
+}
+
+Resolution anyres_packed_grid(int height, int width, const AnyResGeometry& g) {
+    if (g.tile <= 0 || g.patch <= 0 || g.side() <= 0) throw PreprocessError("geometry: tile and patch must be positive");
+    const Resolution best = select_best_resolution(height, width, g.grid_pinpoints);
+    const int side = g.side();
+    int b[4];
+    unpad_bounds(best.first / g.tile * side, best.second / g.tile * side, height, width, b);
+    int h = b[1] - b[0], w = b[3] - b[2];
+    if (g.max_num_patches > 0) {
+        const double ratio = std::sqrt(static_cast<double>(static_cast<int64_t>(h) * w) /
+                                       static_cast<double>(static_cast<int64_t>(g.max_num_patches) * side * side));
+        if (ratio > 1.1) {
+            h = static_cast<int>(py_floordiv(h, ratio));
+            w = static_cast<int>(py_floordiv(w, ratio));
+        }
+    }
+    return {h, w};
+}
+
+int anyres_num_image_tokens(int height, int width, const AnyResGeometry& g) {
+    const Resolution grid = anyres_packed_grid(height, width, g);
+    return g.side() * g.side() + g.base_extra + grid.first * grid.second + (g.newline ? grid.first : 0);
+}
+
+void anyres_pack_plan(int height, int width, const AnyResGeometry& g, int num_tiles, bool multi_image,
+                      std::vector<int64_t>* index, std::vector<float>* weight) {
+    const int side = g.side();
+    if (side <= 0) throw PreprocessError("geometry: tile and patch must be positive");
+    const int n = multi_image ? 1 : (num_tiles > 0 ? num_tiles : anyres_num_tiles(height, width, g));
+    const int64_t newline_row = static_cast<int64_t>(n) * side * side;
+    index->clear();
+    weight->clear();
+    auto put = [&](int64_t a, int64_t b, int64_t c, int64_t d, double wa, double wb, double wc, double wd) {
+        index->insert(index->end(), {a, b, c, d});
+        weight->insert(weight->end(), {static_cast<float>(wa), static_cast<float>(wb), static_cast<float>(wc),
+                                       static_cast<float>(wd)});
+    };
+    auto copy = [&](int64_t row) { put(row, row, row, row, 1.0, 0.0, 0.0, 0.0); };
+    for (int i = 0; i < side * side; ++i) copy(i);  // the global view
+    if (n == 1) {
+        if (g.newline) copy(newline_row);
+        return;
+    }
+    const Resolution best = select_best_resolution(height, width, g.grid_pinpoints);
+    const int grid_cols = best.second / g.tile;
+    int b[4];
+    unpad_bounds(best.first / g.tile * side, grid_cols * side, height, width, b);
+    const int h = b[1] - b[0], w = b[3] - b[2];
+    // Row of the table holding feature (r, c) of the unpadded grid.
+    auto src = [&](int r, int c) -> int64_t {
+        const int fr = r + b[0], fc = c + b[2];
+        return (1 + static_cast<int64_t>(fr / side) * grid_cols + fc / side) * side * side + (fr % side) * side +
+               fc % side;
+    };
+    int out_h = h, out_w = w;
+    bool shrink = false;
+    if (g.max_num_patches > 0) {
+        const double ratio = std::sqrt(static_cast<double>(static_cast<int64_t>(h) * w) /
+                                       static_cast<double>(static_cast<int64_t>(g.max_num_patches) * side * side));
+        if (ratio > 1.1) {
+            shrink = true;
+            out_h = static_cast<int>(py_floordiv(h, ratio));
+            out_w = static_cast<int>(py_floordiv(w, ratio));
+        }
+    }
+    // PyTorch's bilinear source index for float32 input (align_corners=False), in float32 arithmetic.
+    auto axis = [](int n_in, int n_out, std::vector<int>* i0, std::vector<int>* i1, std::vector<double>* l0,
+                   std::vector<double>* l1) {
+        const float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
+        for (int i = 0; i < n_out; ++i) {
+            float s = (static_cast<float>(i) + 0.5f) * scale - 0.5f;
+            s = std::max(s, 0.0f);
+            const int a = std::min(static_cast<int>(s), n_in - 1);
+            const float lam = std::min(std::max(s - static_cast<float>(a), 0.0f), 1.0f);
+            i0->push_back(a);
+            i1->push_back(std::min(a + 1, n_in - 1));
+            l1->push_back(static_cast<double>(lam));
+            l0->push_back(1.0 - static_cast<double>(lam));
+        }
+    };
+    std::vector<int> y0, y1, x0, x1;
+    std::vector<double> hy0, hy1, wx0, wx1;
+    if (shrink) {
+        axis(h, out_h, &y0, &y1, &hy0, &hy1);
+        axis(w, out_w, &x0, &x1, &wx0, &wx1);
+    }
+    for (int r = 0; r < out_h; ++r) {
+        for (int c = 0; c < out_w; ++c) {
+            if (!shrink) {
+                copy(src(r, c));
+            } else {
+                put(src(y0[r], x0[c]), src(y0[r], x1[c]), src(y1[r], x0[c]), src(y1[r], x1[c]), hy0[r] * wx0[c],
+                    hy0[r] * wx1[c], hy1[r] * wx0[c], hy1[r] * wx1[c]);
+            }
+        }
+        if (g.newline) copy(newline_row);
+    }
+}
+
+AnyResSpec anyres_spec_from_processor_config(const std::string& json_text) {
+    const Json doc = JsonReader(json_text).document();
+    require_object(doc, "processor config");
+    const Json* nested = doc.find("image_processor");
+    const Json& ip = require_object(nested ? *nested : doc, "image_processor");
+    const Json* kind = ip.find("image_processor_type");
+    const std::string type = kind && kind->kind == Json::String ? kind->text : "";
+    AnyResSpec spec;
+    if (type.find("Onevision") != std::string::npos) spec.onevision = true;
+    else if (type.find("LlavaNext") == std::string::npos)
+        throw PreprocessError("image_processor_type '" + type + "' is not LlavaNextImageProcessor or "
+                              "LlavaOnevisionImageProcessor");
+    // The per-view spec: ImageSpec's rules, with each family's defaults for size, crop and centre crop.
+    ImageSpec& ts = spec.tile_spec;
+    int se = spec.onevision ? 0 : 224, sh = spec.onevision ? 384 : 0, sw = sh;
+    if (const Json* size = find_set(ip, "size")) {
+        require_object(*size, "size");
+        const Json* s = size->find("shortest_edge");
+        const Json* h = size->find("height");
+        const Json* w = size->find("width");
+        se = s ? as_int(*s, "size.shortest_edge") : 0;
+        sh = h ? as_int(*h, "size.height") : 0;
+        sw = w ? as_int(*w, "size.width") : 0;
+    }
+    ts.shortest_edge = se, ts.height = sh, ts.width = sw;
+    int ch = 0, cw = 0;
+    const Json* crop = ip.find("crop_size");
+    if (!crop && !spec.onevision) {
+        ch = cw = 224;
+    } else if (crop && crop->kind == Json::Number) {
+        ch = cw = as_int(*crop, "crop_size");
+    } else if (crop && crop->kind == Json::Object) {
+        const Json* h = crop->find("height");
+        const Json* w = crop->find("width");
+        if (!h || !w) throw PreprocessError("crop_size needs height and width");
+        ch = as_int(*h, "crop_size.height");
+        cw = as_int(*w, "crop_size.width");
+    } else if (crop && crop->kind != Json::Null) {
+        throw PreprocessError("crop_size must be an object, a number or null");
+    }
+    spec.tile = ch > 0 ? ch : sh > 0 ? sh : se;
+    if (sh > 0 && sw > 0) spec.base_height = sh, spec.base_width = sw;
+    else spec.base_height = spec.base_width = se;
+    ts.crop_height = ch > 0 ? ch : spec.tile;
+    ts.crop_width = ch > 0 ? cw : spec.tile;
+    ts.do_center_crop = !spec.onevision;
+    if (const Json* v = ip.find("resample")) ts.resample = as_int(*v, "resample");
+    if (const Json* v = ip.find("rescale_factor")) {
+        if (v->kind != Json::Number) throw PreprocessError("rescale_factor must be a number");
+        ts.rescale_factor = v->number;
+    }
+    if (const Json* v = ip.find("image_mean")) as_triple(*v, ts.mean, "image_mean");
+    if (const Json* v = ip.find("image_std")) as_triple(*v, ts.std, "image_std");
+    if (const Json* v = ip.find("do_resize")) ts.do_resize = as_bool(*v, "do_resize");
+    if (const Json* v = ip.find("do_center_crop")) ts.do_center_crop = as_bool(*v, "do_center_crop");
+    if (const Json* v = ip.find("do_rescale")) ts.do_rescale = as_bool(*v, "do_rescale");
+    if (const Json* v = ip.find("do_normalize")) ts.do_normalize = as_bool(*v, "do_normalize");
+    const Json* pins = find_set(ip, "image_grid_pinpoints");
+    spec.grid_pinpoints = pins ? as_pinpoints(*pins, "image_grid_pinpoints") : default_pinpoints(spec.onevision);
+    if (spec.tile <= 0) throw PreprocessError("processor config gives no tile size (crop_size or size)");
+    return spec;
+}
+
+AnyResGeometry anyres_geometry_from_config(const std::string& json_text) {
+    const Json doc = JsonReader(json_text).document();
+    require_object(doc, "config.json");
+    const Json* mt = doc.find("model_type");
+    const std::string type = mt && mt->kind == Json::String ? mt->text : "";
+    AnyResGeometry g;
+    if (type == "llava_onevision") g.onevision = true;
+    else if (type != "llava_next")
+        throw PreprocessError("config.json has model_type '" + type + "': any-resolution geometry is for "
+                              "'llava_next' and 'llava_onevision' models");
+    g.tile = g.onevision ? 384 : 336;
+    if (const Json* vision = find_set(doc, "vision_config")) {
+        require_object(*vision, "vision_config");
+        if (const Json* v = find_set(*vision, "image_size")) g.tile = as_int(*v, "vision_config.image_size");
+        if (const Json* v = find_set(*vision, "patch_size")) g.patch = as_int(*v, "vision_config.patch_size");
+    }
+    const Json* pins = find_set(doc, "image_grid_pinpoints");
+    g.grid_pinpoints = pins ? as_pinpoints(*pins, "image_grid_pinpoints") : default_pinpoints(g.onevision);
+    if (g.onevision) {
+        std::string ratio = "anyres_max_9";
+        if (const Json* v = find_set(doc, "vision_aspect_ratio")) ratio = v->text;
+        // transformers reads it with str.strip("anyres_max_"), a character set: the digits remain
+        const std::string chars = "anyres_max_";
+        size_t a = 0, b = ratio.size();
+        while (a < b && chars.find(ratio[a]) != std::string::npos) ++a;
+        while (b > a && chars.find(ratio[b - 1]) != std::string::npos) --b;
+        const std::string digits = ratio.substr(a, b - a);
+        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos)
+            throw PreprocessError("vision_aspect_ratio '" + ratio + "' is not of the form 'anyres_max_N'");
+        g.max_num_patches = std::atoi(digits.c_str());
+    }
+    return g;
 }
 
 }  // namespace vlexport

@@ -4,7 +4,8 @@
 // processor with its PIL backend:
 //   * shortest-edge resize with int() rounding of the long side (or a fixed height x width),
 //   * Pillow's Image.resize(size, resample) for 8-bit RGB, reimplemented to give bit-identical uint8 output
-//     (separable convolution, 22-bit fixed-point coefficients, horizontal pass then vertical pass),
+//     (separable convolution, 22-bit fixed-point coefficients, horizontal pass then vertical pass, or vertical
+//     first when the height loses more than twice the pixels the width does, as Pillow 13 orders them),
 //   * centre crop with Python // offsets (zero padding first when the image is smaller than the crop),
 //   * rescale as float64 (pixel * rescale_factor) cast to float32, then normalize in float32: (x - mean) / std.
 //
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace vlexport {
@@ -80,5 +82,65 @@ ImageSpec image_spec_from_processor_config(const std::string& json_text);
 
 // The spec stored in a vlexport bundle's manifest.json ("preprocessing" -> "image").
 ImageSpec image_spec_from_manifest(const std::string& json_text);
+
+// -- LLaVA-NeXT / LLaVA-OneVision any-resolution ----------------------------------------------------------------------
+// Matches vlexport.anyres (Python), which matches transformers' LlavaNextImageProcessorPil /
+// LlavaOnevisionImageProcessorPil and the models' pack_image_features: best-fit pinpoint, aspect-keeping resize and
+// centred zero padding to it, tile x tile crops row-major after the global view (the whole image resized to the
+// base size), each view then through preprocess() above.
+
+using Resolution = std::pair<int, int>;  // (height, width)
+
+// Mirrors vlexport.anyres.AnyResSpec.
+struct AnyResSpec {
+    bool onevision = false;
+    ImageSpec tile_spec;                   // the per-view resize / crop / rescale / normalise
+    std::vector<Resolution> grid_pinpoints;  // image_grid_pinpoints
+    int tile = 336;                        // side of the crops the padded image is cut into
+    int base_height = 336, base_width = 336;  // the global view's size
+};
+
+// Mirrors vlexport.anyres.AnyResGeometry: the model side (config.json).
+struct AnyResGeometry {
+    bool onevision = false;
+    std::vector<Resolution> grid_pinpoints;
+    int tile = 336;             // vision_config.image_size
+    int patch = 14;             // vision_config.patch_size
+    int max_num_patches = 0;    // OneVision's anyres_max_N; 0: no shrinking (LLaVA-NeXT)
+    int base_extra = 0;
+    bool newline = true;
+    int side() const { return tile / patch; }
+};
+
+// transformers' select_best_resolution for an image of height x width.
+Resolution select_best_resolution(int height, int width, const std::vector<Resolution>& pinpoints);
+
+// The views the vision part runs on: the global view then the tiles, float32 [num_tiles, 3, tile_h, tile_w].
+std::vector<float> preprocess_anyres(const uint8_t* rgb, int width, int height, const AnyResSpec& spec,
+                                     int* num_tiles, int* tile_h, int* tile_w);
+
+// image_size_to_num_patches: the views preprocess_anyres returns for a height x width image (global view included).
+int anyres_num_tiles(int height, int width, const AnyResGeometry& geometry);
+
+// (rows, cols) of the unpadded (for OneVision, shrunk) feature grid; one newline ends each row.
+Resolution anyres_packed_grid(int height, int width, const AnyResGeometry& geometry);
+
+// The image placeholders an image of height x width takes: what the processor writes, what the model packs, and
+// what expand_image_tokens should be given.
+int anyres_num_image_tokens(int height, int width, const AnyResGeometry& geometry);
+
+// vlexport.anyres.pack_plan: the packing of the vision part's tile features into the image placeholders, as a
+// gather. Row t of the packed sequence is sum_k weight[4t + k] * table[index[4t + k]], where table is the tile
+// features flattened to [num_tiles * side^2, D] with the image_newline vector appended as its last row. LLaVA-NeXT
+// rows are copies (weights 1, 0, 0, 0); OneVision's anyres_max shrink is bilinear. num_tiles <= 0: from the size;
+// multi_image: OneVision's one-view path. The vectors hold 4 * anyres_num_image_tokens(...) entries.
+void anyres_pack_plan(int height, int width, const AnyResGeometry& geometry, int num_tiles, bool multi_image,
+                      std::vector<int64_t>* index, std::vector<float>* weight);
+
+// From processor_config.json / preprocessor_config.json ("image_processor" object when present, else top level).
+AnyResSpec anyres_spec_from_processor_config(const std::string& json_text);
+
+// From a llava_next / llava_onevision config.json.
+AnyResGeometry anyres_geometry_from_config(const std::string& json_text);
 
 }  // namespace vlexport

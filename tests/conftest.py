@@ -70,3 +70,19 @@ def full_bundle(tiny_base, full_lora, bitfit_dump, tmp_path_factory):
     )
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def orin_bundle(tiny_base, full_lora, tmp_path_factory):
+    """tiny base + full LoRA for jetson-orin, built through the CLI (verify included) where TensorRT is absent:
+    engines planned, build.sh written. Shared by test_targets_plan.py and test_engines.py (which works on copies)."""
+    from typer.testing import CliRunner
+
+    from vlexport.cli import app
+
+    out = tmp_path_factory.mktemp("orin") / "bundle"
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(full_lora), "--target", "jetson-orin",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "TensorRT engines were not built on this machine" in " ".join(r.output.split())
+    return out

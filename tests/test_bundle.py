@@ -86,7 +86,7 @@ def test_every_file_is_listed_with_size_and_sha256(sealed):
     from vlexport.files import sha256_file
 
     manifest = read_manifest(sealed)
-    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert manifest["schema_version"] == SCHEMA_VERSION == 3
     on_disk = {p.relative_to(sealed).as_posix() for p in sealed.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == on_disk
     for rel, entry in manifest["files"].items():
@@ -207,7 +207,7 @@ def test_manifest_missing_a_key_exits_2_naming_it(copy, key):
 
 def test_old_schema_is_refused_with_a_fix(copy):
     edit_manifest(copy, lambda m: m.update(schema_version=1))
-    refused(["inspect", str(copy)], "manifest schema 1", "reads schema 2", "rebuild it")
+    refused(["inspect", str(copy)], "manifest schema 1", "reads schema 3", "rebuild it")
 
 
 def test_genai_open_model_without_task_checks_the_bundle(copy):

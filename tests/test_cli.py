@@ -96,7 +96,7 @@ def test_every_argument_and_option_has_help_and_a_real_metavar():
                 problems.append(f"{where}: metavar {shown!r} is a type name")
             if isinstance(param, TyperArgument) and RAW_TYPE.match(param.display_name_raw):
                 problems.append(f"{where}: argument named {param.display_name_raw!r}")
-    assert len(commands) == 16 and not problems, "\n".join(problems)
+    assert len(commands) == 18 and not problems, "\n".join(problems)
     # And as a user sees it: no type names in any rendered help.
     for path, _ in _walk(root):
         r = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})

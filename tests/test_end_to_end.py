@@ -81,7 +81,7 @@ def test_manifest_describes_the_bundle(full_bundle, full_lora, bitfit_dump):
     from vlexport.files import sha256_file
 
     manifest = json.loads((full_bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 2
+    assert manifest["schema_version"] == 3
     assert set(manifest["parts"]) == {"vision", "embed", "decoder"}
     dec = manifest["parts"]["decoder"]
     names = [i["name"] for i in dec["inputs"]]

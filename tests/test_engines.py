@@ -307,14 +307,11 @@ def trt(standin_files, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def planned(tiny_base, tmp_path_factory):
-    """A jetson-orin bundle built here, where TensorRT is absent: engines planned, build.sh written."""
-    from vlexport.build import build
-
-    out = tmp_path_factory.mktemp("orin") / "bundle"
-    manifest = build(tiny_base, [], out, target="jetson-orin", verify=False)
-    assert manifest["engines"]["status"] == "planned"
-    return out
+def planned(orin_bundle):
+    """A jetson-orin bundle built here, where TensorRT is absent (conftest's, shared with test_targets_plan.py):
+    engines planned, build.sh written. Tests change copies of it only."""
+    assert read_manifest(orin_bundle)["engines"]["status"] == "planned"
+    return orin_bundle
 
 
 @pytest.fixture

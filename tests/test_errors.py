@@ -140,6 +140,8 @@ def test_unsupported_peft_type_refused_by_name(tmp_path, tiny_base):
     assert_refused(build(tiny_base, [d], tmp_path / "out"), tmp_path / "out", "prompt tuning")
 
 
+@pytest.mark.slow  # ~40 s; by default test_precision's naive INT8 build fails its gate and leaves no bundle, and
+# test_cli::test_a_failed_check_is_exit_1_with_the_error_as_json checks that ParityError exits 1 cleanly
 def test_parity_failure_writes_nothing(tmp_path, tiny_base, full_lora):
     """A build whose parity gate fails exits 1 and leaves no bundle. --oracle off: the fixed limit alone decides
     (with the float64 oracle, a limit of 0 still passes a bundle within oracle_k of PyTorch FP32's own error)."""

@@ -1,6 +1,7 @@
 """A CPU bundle opens with onnxruntime-genai (ORT-GenAI) as it is, and generates the tokens vlexport's runtime does."""
 
 import json
+import shutil
 
 import numpy as np
 import onnxruntime_genai as og  # test dependency: onnxruntime-genai==0.18.0 (needs onnxruntime>=1.31)
@@ -18,14 +19,12 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def genai_bundle(tiny_base, tmp_path_factory):
-    from vlexport.build import build
-    from vlexport.fixture import make_lora
-
-    tmp = tmp_path_factory.mktemp("genai")
-    lora = make_lora(tiny_base, tmp / "lora")
-    out = tmp / "b"
-    manifest = build(tiny_base, [lora], out, verify=False)  # writes the ORT-GenAI files itself
+def genai_bundle(full_bundle, tmp_path_factory):
+    """conftest's cpu bundle (tiny base + LoRA + BitFit): its build wrote the ORT-GenAI files itself. A copy, since
+    test_genai_config_from_manifest writes them again."""
+    out = tmp_path_factory.mktemp("genai") / "b"
+    shutil.copytree(full_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
     return out, manifest, manifest["onnxruntime_genai"]["files"]
 
 

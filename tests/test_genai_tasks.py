@@ -51,7 +51,9 @@ def tiny_bank(tiny_base, tmp_path_factory):
 
 def test_manifest_records_an_overlay_per_task(tiny_bank):
     entry = json.loads((tiny_bank / "manifest.json").read_text())["onnxruntime_genai"]["tasks"]
-    assert entry["lora"]["overlay"]["model"]["decoder"]["filename"] == "tasks/lora/decoder.onnx"
+    # A swappable LoRA task, like a bottleneck task, is its weights baked as the slot defaults of graph-only copies.
+    assert entry["lora"]["overlay"] == {"model": {"decoder": {"filename": "decoder.task-lora.onnx"},
+                                                  "vision": {"filename": "vision.task-lora.onnx"}}}
     assert entry["bn"]["overlay"] == {"model": {"decoder": {"filename": "decoder.task-bn.onnx"},
                                                 "vision": {"filename": "vision.task-bn.onnx"}}}
     # The baked copies are graphs only: their weights are read from the base part's file.

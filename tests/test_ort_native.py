@@ -2,7 +2,9 @@
 
 The reference is the torch DecoderPart on the same merged weights (the module the portable graph is exported from),
 run with an explicit cache: every logit and every cached key/value is compared, through prefill and decode steps,
-with rows of different lengths, prefix packs in both position conventions, and bottleneck slots."""
+with rows of different lengths, prefix packs in both position conventions, bottleneck slots and LoRA slots. The slot
+math is also checked without DecoderPart's slot code: a fed LoRA equals its weights merged into the base, and a
+mixed batch (one adapter per row) equals each row run alone."""
 
 import numpy as np
 import pytest
@@ -10,12 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from vlexport import lora_slots, slots  # noqa: E402
 from vlexport.backends.ort_kv import SharedKvBuffer  # noqa: E402
 from vlexport.errors import ParityError, VlexportError  # noqa: E402
 from vlexport.export import ort_native  # noqa: E402
 from vlexport.export.onnx import add_slot_defaults  # noqa: E402
-from vlexport.export.parts import DecoderPart  # noqa: E402
-from vlexport.slots import input_names  # noqa: E402
+from vlexport.export.parts import DecoderPart, decoder_io_names  # noqa: E402
 
 TOL = 1e-4  # relative to max(1, max|torch|), as the export check's export_rel_tol for fp32
 
@@ -48,15 +50,61 @@ def native(gqa_model, tmp_path_factory):
 def native_slots(gqa_model, tmp_path_factory):
     L, _, _, H = _geometry(gqa_model)
     path = ort_native.write_native_decoder(gqa_model, tmp_path_factory.mktemp("native_slots") / "decoder.onnx", True)
-    add_slot_defaults(path, "decoder", L, H)
+    add_slot_defaults(path, slots.empty_feed("decoder", L, H))
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def lora_geometry(gqa_model):
+    """LoRA slots on every linear the native decoder has (q, k, v, o, gate, up, down, lm_head), DoRA scales on
+    v_proj and lm_head."""
+    L = gqa_model.config.text_config.num_hidden_layers
+    layer = gqa_model.model.language_model.layers[0]
+    geometry = {}
+    for group in ort_native.NATIVE_LORA_GROUPS:
+        linear = gqa_model.lm_head if group == "lm_head" else layer.get_submodule(group[len("layers.") :])
+        geometry[group] = {"layers": 1 if group == "lm_head" else L, "in": linear.in_features,
+                           "out": linear.out_features, "scale": group in ("layers.self_attn.v_proj", "lm_head")}
+    return geometry
+
+
+@pytest.fixture(scope="module")
+def native_adapters(gqa_model, lora_geometry, tmp_path_factory):
+    """The native decoder with bottleneck slots and LoRA slots on every linear, "no adapter" as their defaults."""
+    L, _, _, H = _geometry(gqa_model)
+    path = ort_native.write_native_decoder(gqa_model, tmp_path_factory.mktemp("native_adapters") / "decoder.onnx",
+                                           True, lora_geometry)
+    add_slot_defaults(path, {**slots.empty_feed("decoder", L, H),
+                             **lora_slots.empty_feed({"decoder": lora_geometry}, "decoder")})
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
+
+
+def _lora_feed(geometry, rank, seed):
+    """One row's LoRA feed in graph input order (rank 0: the empty feed, unit scales)."""
+    geo = {"decoder": geometry}
+    feed = (lora_slots.sample_feed(geo, "decoder", rank, np.random.default_rng(seed)) if rank else
+            lora_slots.empty_feed(geo, "decoder"))
+    return {name: feed[name] for name in lora_slots.part_input_names(geo, "decoder")}
+
+
+def _bottleneck_feed(model, width, seed, mix=(1.0, 1.0, 1.0), act=0):
+    L, _, _, H = _geometry(model)
+    return slots.sample_feed("decoder", L, H, width, np.random.default_rng(seed), mix=mix, act=act)
+
+
+def _stack_rows(feeds):
+    """One mixed-batch feed from per-row feeds (N = 1 each): LoRA and bottleneck widths zero-padded."""
+    names = list(feeds[0])
+    width = {n: lora_slots.rank_axis(n) if "_lora." in n else slots.width_axis(n) for n in names}
+    row = {n: 1 if "_lora." in n else slots.ROW_AXIS for n in names}
+    return lora_slots.stack_rows(feeds, width, row)
 
 
 class TorchRows:
     """The reference: DecoderPart per row with its own growing cache (no padding anywhere)."""
 
-    def __init__(self, model, slot=()):
-        self.part = DecoderPart(model, slots=bool(slot))
+    def __init__(self, model, slot=(), lora=None, bottleneck=None):
+        self.part = DecoderPart(model, slots=bool(slot) if bottleneck is None else bottleneck, lora=lora)
         self.L, self.kv, self.hd, _ = _geometry(model)
         self.slot = slot
         self.past = {}
@@ -162,9 +210,8 @@ def test_bottleneck_slots_are_fed_per_call(gqa_model, native, native_slots):
     graph; and the fed adapter changes the logits (so the comparison could fail)."""
     L, kv, hd, H = _geometry(gqa_model)
     g = torch.Generator().manual_seed(3)
-    slot = ort_native._slot_tensors(L, H, 6, (0.0, 1.0, 3.0), 2, g)
-    feed = {name: t.numpy() for name, t in zip(input_names("decoder"), slot)}
-    ref = TorchRows(gqa_model, slot)
+    feed = _bottleneck_feed(gqa_model, 6, 3, mix=(0.0, 1.0, 3.0), act=2)
+    ref = TorchRows(gqa_model, tuple(torch.from_numpy(v) for v in feed.values()))
     buf = SharedKvBuffer(native_slots, L, kv, hd, rows=2, capacity=16)
     plain = SharedKvBuffer(native[0], L, kv, hd, rows=2, capacity=16)
     empty = SharedKvBuffer(native_slots, L, kv, hd, rows=2, capacity=16)
@@ -204,10 +251,208 @@ def test_export_check_passes_and_names_a_broken_output(gqa_model, native, tmp_pa
         ort_native.check_native_decoder(module, broken, TOL)
 
 
+def _both(gqa_model, geometry, lora=None, bottleneck=None):
+    """A feed for native_adapters: the given LoRA and bottleneck feeds, the empty one (N = 1) for a kind not given."""
+    L, _, _, H = _geometry(gqa_model)
+    return {**(bottleneck or slots.empty_feed("decoder", L, H)), **(lora or _lora_feed(geometry, 0, 0))}
+
+
+def test_lora_slots_are_fed_per_call(gqa_model, lora_geometry, native, native_adapters):
+    """LoRA on q, k, v, o, gate, up, down and lm_head (DoRA scales on v_proj and lm_head), fed through the shared KV
+    buffer, equals DecoderPart's LoRA slots; the inputs follow the portable graph's order; the defaults (nothing
+    fed) are the slot-free graph; and the fed LoRA changes the logits (so the comparison could fail)."""
+    import onnx
+
+    L, kv, hd, H = _geometry(gqa_model)
+    session, path = native_adapters
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [i.name for i in graph.input] == decoder_io_names(L, True, lora_geometry)[0]
+    feed = _both(gqa_model, lora_geometry, lora=_lora_feed(lora_geometry, 8, 7))
+    ref = TorchRows(gqa_model, tuple(torch.from_numpy(v) for v in feed.values()), lora=lora_geometry, bottleneck=True)
+    buf = SharedKvBuffer(session, L, kv, hd, rows=2, capacity=16)
+    plain = SharedKvBuffer(native[0], L, kv, hd, rows=2, capacity=16)
+    empty = SharedKvBuffer(session, L, kv, hd, rows=2, capacity=16)
+    g = torch.Generator().manual_seed(6)
+    for row, n in enumerate((5, 3)):
+        x = _embeds(g, 1, n, H)
+        got = buf.prefill(row, x, np.arange(n)[None], feed)
+        np.testing.assert_allclose(got, ref.run(row, x, np.arange(n)[None]), atol=TOL, rtol=0)
+        base = plain.prefill(row, x, np.arange(n)[None], {})
+        np.testing.assert_allclose(empty.prefill(row, x, np.arange(n)[None], {}), base, atol=TOL, rtol=0)
+        assert np.abs(got - base).max() > 1e-2
+    for _ in range(2):
+        x, positions = _embeds(g, 2, 1, H), buf.lengths[:, None].copy()
+        logits = buf.step(x, positions, feed)
+        for row in range(2):
+            np.testing.assert_allclose(logits[row], ref.run(row, x[row : row + 1], positions[row : row + 1])[0],
+                                       atol=TOL, rtol=0)
+    for row in range(2):
+        ref.assert_cache(buf, row)
+
+
+def test_export_check_covers_slots_and_names_a_swapped_lora_layer(gqa_model, lora_geometry, native_adapters,
+                                                                  tmp_path):
+    """check_native_decoder with bottleneck and LoRA slots (empty, one adapter for the batch, one per row) passes;
+    layers 0 and 1 of down_proj's b swapped in the graph make it fail, naming the part and the adapters fed."""
+    import onnx
+
+    _, path = native_adapters
+    module = DecoderPart(gqa_model, slots=True, lora=lora_geometry)
+    check = ort_native.check_native_decoder(module, path, TOL, True, lora=lora_geometry)
+    assert check["cases"] == 6 and check["max_rel_error"] < TOL
+    cases = ort_native.check_cases(module.num_layers, gqa_model.config.text_config.hidden_size, True, lora_geometry)
+    rows = {c["adapters"]["decoder_lora.lm_head.a"].shape[1] for c in cases}
+    assert rows == {1, 3} and {c["adapters"]["decoder_adapter.mix"].shape[2] for c in cases} == {1, 3}
+    assert {c["adapters"]["decoder_lora.lm_head.a"].shape[3] for c in cases} >= {0, 4, 8}
+    model = onnx.load(str(path))
+    squeeze = {n.name: n for n in model.graph.node if n.name.startswith("decoder_lora.layers.mlp.down_proj.b/Squeeze")}
+    first, second = (squeeze[f"decoder_lora.layers.mlp.down_proj.b/Squeeze_{i}"] for i in (0, 1))
+    first.input[0], second.input[0] = second.input[0], first.input[0]
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken), save_as_external_data=True, location="broken.onnx.data")
+    with pytest.raises(ParityError, match=r"part 'decoder' \(ort-native form\) output '.*' differs .*LoRA ranks"):
+        ort_native.check_native_decoder(module, broken, TOL, True, lora=lora_geometry)
+    with pytest.raises(ValueError, match="LoRA groups"):
+        ort_native.check_native_decoder(DecoderPart(gqa_model, slots=True), path, TOL, True, lora=lora_geometry)
+
+
+def _run(session, case, adapters, L, kv, hd, H, seed):
+    """One ORT run of a check case with the given adapter feed: {output name: array}."""
+    _, feed = ort_native.case_inputs(case, L, kv, hd, H, seed)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {**feed, **adapters})))
+
+
+def test_fed_lora_equals_its_weights_merged(gqa_model, lora_geometry, native_adapters, tmp_path):
+    """Not DecoderPart's slot code: one LoRA fed for the whole batch (N = 1, DoRA scales included) gives what the
+    slot-free native graph gives on a copy of the model with W <- scale * (W + (a b)^T) merged in torch."""
+    import copy
+
+    L, kv, hd, H = _geometry(gqa_model)
+    session, _ = native_adapters
+    lora = _lora_feed(lora_geometry, 8, 11)
+    merged = copy.deepcopy(gqa_model)
+    layers = merged.model.language_model.layers
+    with torch.no_grad():
+        for group, g in lora_geometry.items():
+            for i in range(g["layers"]):
+                linear = merged.lm_head if group == "lm_head" else layers[i].get_submodule(group[len("layers.") :])
+                a, b = (torch.from_numpy(lora[f"decoder_lora.{group}.{f}"][i, 0]) for f in ("a", "b"))
+                linear.weight += (a @ b).T
+                if g["scale"]:
+                    linear.weight *= torch.from_numpy(lora[f"decoder_lora.{group}.scale"][i, 0])[:, None]
+    path = ort_native.write_native_decoder(merged, tmp_path / "merged.onnx")
+    want_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cases = ort_native.check_cases(L, H, False)
+    for k in (0, 2, 4, 5):  # prefill, prefix (PEFT positions), 3-row decode of different lengths, 2-row prompt
+        got = _run(session, cases[k], _both(gqa_model, lora_geometry, lora=lora), L, kv, hd, H, k)
+        want = _run(want_session, cases[k], {}, L, kv, hd, H, k)
+        base = _run(session, cases[k], _both(gqa_model, lora_geometry), L, kv, hd, H, k)
+        for name, w in want.items():
+            np.testing.assert_allclose(got[name], w, atol=TOL * max(1.0, np.abs(w).max()), rtol=0, err_msg=name)
+        assert np.abs(got["logits"] - base["logits"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck", "both"])
+def test_mixed_batch_rows_equal_each_row_alone(gqa_model, lora_geometry, native_adapters, kind):
+    """Not DecoderPart's slot code: a decode batch whose rows each feed their own adapter (N = B; widths and ranks
+    zero-padded, one row with none) gives every row what it gets alone with its adapter (N = 1), logits and cache;
+    and a 2-row prompt likewise."""
+    L, kv, hd, H = _geometry(gqa_model)
+    session, _ = native_adapters
+    lora_rows = [_lora_feed(lora_geometry, r, 20 + i) for i, r in enumerate((8, 0, 3))]
+    bottleneck_rows = [_bottleneck_feed(gqa_model, 4, 30, (1.0, 1.0, 2.0), 1), _bottleneck_feed(gqa_model, 0, 31),
+                       _bottleneck_feed(gqa_model, 6, 32, (0.0, 1.0, 3.0), 2)]
+    prefix = {"lora": "decoder_lora.", "bottleneck": "decoder_adapter.", "both": "decoder_"}[kind]
+
+    def row_feed(r):
+        """Row r's own adapters (N = 1); the kind not under test is the one empty feed."""
+        return _both(gqa_model, lora_geometry, lora=lora_rows[r] if kind != "bottleneck" else None,
+                     bottleneck=bottleneck_rows[r] if kind != "lora" else None)
+
+    def mixed(rows):
+        """The rows' adapters of the kind under test stacked (N = len(rows)); the other kind's empty feed (N = 1)."""
+        feeds = [row_feed(r) for r in rows]
+        return {**feeds[0], **_stack_rows([{k: v for k, v in f.items() if k.startswith(prefix)} for f in feeds])}
+
+    g = torch.Generator().manual_seed(8)
+    batch = SharedKvBuffer(session, L, kv, hd, rows=3, capacity=16)
+    alone = [SharedKvBuffer(session, L, kv, hd, rows=1, capacity=16) for _ in range(3)]
+    base = SharedKvBuffer(session, L, kv, hd, rows=1, capacity=16)
+    feeds = [row_feed(r) for r in range(3)]
+    for row, n in enumerate((6, 2, 4)):
+        x = _embeds(g, 1, n, H)
+        batch.prefill(row, x, np.arange(n)[None], feeds[row])
+        alone[row].prefill(0, x, np.arange(n)[None], feeds[row])
+        if row == 0:
+            base.prefill(0, x, np.arange(n)[None], _both(gqa_model, lora_geometry))
+    feed = mixed(range(3))
+    assert {v.shape[1 if "_lora." in k else 2] for k, v in feed.items() if k.startswith(prefix)} == {3}
+    for _ in range(3):
+        x, positions = _embeds(g, 3, 1, H), batch.lengths[:, None].copy()
+        logits = batch.step(x, positions, feed)
+        for row in range(3):
+            want = alone[row].step(x[row : row + 1], positions[row : row + 1], feeds[row])
+            np.testing.assert_allclose(logits[row], want[0], atol=TOL, rtol=0, err_msg=f"row {row}")
+        plain = base.step(x[:1], positions[:1], _both(gqa_model, lora_geometry))
+        assert np.abs(logits[0] - plain[0]).max() > 1e-2  # row 0's adapter is live
+    for row in range(3):
+        for name, want in alone[row].row_cache(0).items():
+            np.testing.assert_allclose(batch.row_cache(row)[name], want, atol=TOL, rtol=0, err_msg=name)
+    # A 2-row prompt (GroupQueryAttention's several new tokens for batch > 1 start from an empty cache).
+    case = ort_native.check_cases(L, H, False)[5]
+    _, plain_feed = ort_native.case_inputs(case, L, kv, hd, H, seed=9)
+    names = [o.name for o in session.get_outputs()]
+    together = session.run(names, {**plain_feed, **mixed(range(2))})
+    for row in range(2):
+        one = {k: v[row : row + 1] for k, v in plain_feed.items()}
+        for name, want, got in zip(names, session.run(names, {**one, **feeds[row]}), together):
+            np.testing.assert_allclose(got[row : row + 1], want, atol=TOL, rtol=0, err_msg=f"row {row} {name}")
+
+
+def test_precision_lowering_keeps_lora_products_float(gqa_model, lora_geometry, native_adapters, tmp_path):
+    """precision/ sees only the base products on a graph with LoRA slots: weight_matmuls finds one per torch Linear
+    (none of the LoRA products, whose B is a fed input), and after dynamic INT8 and INT4 (MatMulNBits) lowering the
+    LoRA products are still float MatMuls that a fed adapter moves the logits through (QLoRA); FP16 runs it too."""
+    import onnx
+
+    from vlexport.precision.fp16 import to_fp16
+    from vlexport.precision.int4 import Int4Options, quantize_int4
+    from vlexport.precision.int8 import quantize, weight_matmuls
+
+    L, kv, hd, H = _geometry(gqa_model)
+    session, path = native_adapters
+    graph = onnx.load(str(path), load_external_data=False).graph
+    products = weight_matmuls(onnx.load(str(path), load_external_data=False))
+    lora_nodes = {n.name for n in graph.node if n.op_type == "MatMul" and "/lora_" in n.name}
+    assert len(products) == 7 * L + 1 and not {p.node for p in products} & lora_nodes
+    assert len(lora_nodes) == 2 * (7 * L + 1)
+    assert "language_model.layers.1.self_attn.v_proj" in {p.module for p in products}
+    lowered = {"int8": tmp_path / "int8.onnx", "int4": tmp_path / "int4.onnx", "fp16": tmp_path / "fp16.onnx"}
+    quantize(path, lowered["int8"], "dynamic", [p.node for p in products])
+    quantize_int4(path, lowered["int4"], "matmulnbits", Int4Options(), [p.node for p in products], [], 32)
+    to_fp16(path, lowered["fp16"])
+    case = ort_native.check_cases(L, H, False)[0]
+    lora, empty = (_both(gqa_model, lora_geometry, lora=_lora_feed(lora_geometry, r, 12)) for r in (8, 0))
+    want = _run(session, case, lora, L, kv, hd, H, 0)["logits"]
+    want_delta = want - _run(session, case, empty, L, kv, hd, H, 0)["logits"]
+    for name, file in lowered.items():
+        ops = {n.name: n.op_type for n in onnx.load(str(file), load_external_data=False).graph.node}
+        matmuls = {n for n, op in ops.items() if op == "MatMul"}
+        base = {n for n in matmuls if n.endswith("/MatMul")}  # the products' names (the bottleneck's are unnamed)
+        assert lora_nodes <= matmuls and len(base) == (len(products) if name == "fp16" else 0), name
+        low = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        got = _run(low, case, lora, L, kv, hd, H, 0)["logits"]
+        delta = got - _run(low, case, empty, L, kv, hd, H, 0)["logits"]
+        cosine = float((delta * want_delta).sum() / np.linalg.norm(delta) / np.linalg.norm(want_delta))
+        assert cosine > 0.9, name
+
+
 @pytest.mark.slow  # about a minute; every cpu build in the default suite goes through the native form
 def test_cpu_build_ships_the_native_decoder_and_records_each_form(tiny_base, tmp_path):
-    """A bank with a task of its own merged LoRA: the base decoder and the task's decoder are both ORT-native (and
-    checked against torch at build time), the other parts portable; the task's decoder holds its merged weights."""
+    """A bank with a task of its own merged LoRA (--lora-mode merged; swappable LoRA is one base graph with LoRA
+    slots, test_lora_slots.py): the base decoder and the task's decoder are both ORT-native (and checked against
+    torch at build time), the other parts portable; the task's decoder holds its merged weights."""
     import onnx
     from onnx import numpy_helper
 
@@ -216,7 +461,7 @@ def test_cpu_build_ships_the_native_decoder_and_records_each_form(tiny_base, tmp
 
     lora = make_lora(tiny_base, tmp_path / "lora", seed=21)
     out = tmp_path / "bundle"
-    m = build(tiny_base, [f"t={lora}"], out, target="cpu", verify=False)
+    m = build(tiny_base, [f"t={lora}"], out, target="cpu", verify=False, lora_mode="merged")
     assert {name: p["form"] for name, p in m["parts"].items()} == {"vision": "portable", "embed": "portable",
                                                                   "decoder": "ort-native"}
     check = m["parts"]["decoder"]["export_check"]

@@ -315,6 +315,7 @@ def test_build_verifies_and_run_matches_peft_unmerged_greedy(peft_type, preset, 
     assert tokens != _peft_greedy(load_llava(base), base, photos)
 
 
+@pytest.mark.slow  # ~40 s; the default run keeps each type's merge vs PEFT, the LoRA+IA3 order test, and LoRA builds
 def test_three_methods_in_order_build_verify_and_run(tiny_base, tmp_path, photos):
     """IA3, then VeRA, then LoHa on the same modules, in one bundle: verify passes, and `run` gives the tokens of
     PEFT applying them one after the other (the first two merged by PEFT, the last unmerged)."""

@@ -96,15 +96,6 @@ def test_plan_precision_override_and_bad_override(llava7b_config):
     assert r.exit_code == 2 and "--precision decoder=int3" in r.output
 
 
-@pytest.fixture(scope="module")
-def orin_bundle(tiny_base, full_lora, tmp_path_factory):
-    out = tmp_path_factory.mktemp("orin") / "bundle"
-    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(full_lora), "--target", "jetson-orin", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    assert "TensorRT engines were not built on this machine" in " ".join(r.output.split())
-    return out
-
-
 def test_orin_build_writes_parts_plan_and_script(orin_bundle):
     manifest = json.loads((orin_bundle / "manifest.json").read_text())
     assert set(manifest["parts"]) == {"vision", "embed", "decoder"}
@@ -219,17 +210,38 @@ def test_tensorrt_backend_needs_built_engines(orin_bundle, full_bundle, tmp_path
 
 
 def test_orin_bank_with_bottleneck_slots_is_planned_and_importable(tiny_base, tmp_path):
-    """Slot inputs' dynamic bottleneck width is covered by the engine profiles (0 = no adapter)."""
-    from vlexport.fixture import make_adapterhub_bottleneck
+    """Slot inputs' dynamic bottleneck width and LoRA rank are covered by the engine profiles (0 = no adapter), and
+    their row axis is the batch (lora_slots.py)."""
+    from vlexport.fixture import make_adapterhub_bottleneck, make_lora
 
     adapter = make_adapterhub_bottleneck(tiny_base, tmp_path / "a", "language", "double_seqbn")
+    lora = make_lora(tiny_base, tmp_path / "l", seed=7)
     out = tmp_path / "bank"
-    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"vqa={adapter}", "--target",
-                                 "jetson-orin", "-o", str(out), "--no-verify"])
+    r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"vqa={adapter}", "--adapter",
+                                 f"ocr={lora}", "--target", "jetson-orin", "-o", str(out), "--no-verify"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["tasks"]["ocr"]["parts"]  # the LoRA is fed through slots on TensorRT too
     generation = manifest["engines"]["parts"]["decoder"]["profiles"][1]
-    assert generation["decoder_adapter.down_weight"][0][2] == 0 and generation["decoder_adapter.down_weight"][2][2] == 256
-    assert "decoder_adapter.down_weight:2x2x0x64" in (out / "engines" / "build.sh").read_text()
+    lo, _, hi = generation["decoder_adapter.down_weight"]
+    assert (lo[2], lo[3], hi[3]) == (1, 0, 256)  # rows from 1 (the batch), width 0..shapes.adapter_width
+    lo, _, hi = generation["decoder_lora.layers.self_attn.q_proj.a"]
+    assert (lo[3], hi[3]) == (0, 64)  # rank 0..shapes.lora_rank
+    assert "decoder_adapter.down_weight:2x2x1x0x64" in (out / "engines" / "build.sh").read_text()
+    # The portable decoder takes one row of slot inputs per batch row: a mixed batch on ONNX Runtime (the engines'
+    # graphs) gives each request's tokens alone.
+    import vlexport
+    from skimage import data
+    from PIL import Image
+
+    bundle = vlexport.load(out)
+    assert bundle.decoder_form() == "portable"
+    image = Image.fromarray(data.astronaut())
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    requests = [vlexport.Request(image, raw_prompt=prompt, task=t, max_new_tokens=6 + 2 * i)
+                for i, t in enumerate([None, "ocr", "vqa", "ocr"])]
+    alone = [bundle.generate(image, raw_prompt=prompt, task=r.task, max_new_tokens=r.max_new_tokens).token_ids
+             for r in requests]
+    assert [g.token_ids for g in bundle.generate_batch(requests)] == alone
     r = CliRunner().invoke(app, ["check-trt", str(out), "--trt-version", "10.3"])
     assert r.exit_code == 0, r.output

@@ -158,7 +158,8 @@ def test_bank_of_three_kinds_with_a_merged_lora_task(tiny_gqa_base, bank, photos
     out = tmp_path / "b"
     r = CliRunner().invoke(app, ["build", "--base", str(tiny_gqa_base), "--adapter", str(paths["bitfit"]),
                                  "--adapter", f"ocr={lora}", "--adapter", f"chat={paths['vqa']}",
-                                 "--adapter", f"vqa={vision}", "--adapter", f"vqa={language}", "-o", str(out)])
+                                 "--adapter", f"vqa={vision}", "--adapter", f"vqa={language}", "-o", str(out),
+                                 "--lora-mode", "merged"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     ocr = manifest["tasks"]["ocr"]

@@ -90,6 +90,7 @@ def test_one_weight_scaled_by_1_01_fails(full_bundle, tmp_path, part, output):
     assert f"{part}/{output}" in report["summary"]
 
 
+@pytest.mark.slow  # a build of its own (~20 s); by default test_one_weight_scaled_by_1_01_fails catches a smaller change
 def test_dropped_adapter_fails(tiny_base, full_lora, bitfit_dump, tmp_path):
     out = tmp_path / "no-adapter"
     r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", str(bitfit_dump), "-o", str(out)])

@@ -8,3 +8,12 @@ def load(path, threads=None, backend="onnxruntime"):
     from .runtime import Bundle
 
     return Bundle(path, threads=threads, backend=backend)
+
+
+def __getattr__(name):
+    # vlexport.Request without importing the runtime (and onnxruntime) at `import vlexport`.
+    if name == "Request":
+        from .runtime import Request
+
+        return Request
+    raise AttributeError(f"module 'vlexport' has no attribute {name!r}")

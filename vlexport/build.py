@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .adapters import MERGEABLE, merge_adapters
+from .adapters import merge_adapters
 from .bundle import atomic_directory, check_output_path, onnx_io, write_manifest
 from .errors import ParityError, VlexportError
 from .export import ort_native
@@ -29,7 +29,9 @@ from .precision import Int4Options, Int8Options, int4_options, int8_options
 from .progress import track
 from .target import Target, load_target
 from .export.parts import feature_indices
-from .tasks import load_bank, merged_parts, slot_geometry, write_packs
+from . import lora_slots
+from .tasks import (load_bank, lora_geometry, lora_packs, merged_here, merged_parts, rescale_lora_packs, slot_geometry,
+                    write_packs)
 
 
 def read_text_assets(base: Path) -> dict:
@@ -174,7 +176,9 @@ class BuildState:
     awq: dict | None = None  # AWQ scales folded into the norms (INT4 decoder), as SmoothQuant's are for INT8
     prequantized: dict | None = None  # the AutoAWQ checkpoint this base was dequantized from, and the re-quant error
     model: Any = None
-    slots: dict = field(default_factory=dict)
+    slots: dict = field(default_factory=dict)  # bottleneck slot geometry per part (slots.py)
+    lora_slots: dict = field(default_factory=dict)  # LoRA slot geometry per part (lora_slots.py)
+    lora_packs: dict = field(default_factory=dict)  # per task: its LoRA slot tensors
     smoothing: dict | None = None
     tmp: Path | None = None
     parts: dict = field(default_factory=dict)
@@ -201,7 +205,7 @@ def stage(state: BuildState, name: str):
 
 
 def plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
-               oracle, strict_precision, log, int4=None, lora_alpha=None) -> BuildState:
+               oracle, strict_precision, log, int4=None, lora_alpha=None, lora_mode="swappable") -> BuildState:
     """Every check that needs no model: output path, base, target, precisions, calibration data, adapters, memory."""
     base, out = Path(base), Path(out)
     check_output_path(out, force)
@@ -226,12 +230,14 @@ def plan_build(base, adapters, out, target, force, adapter_kind, verify, precisi
         calib_cases(calib)  # a bad calibration folder fails now, not after the export
     facts = facts_from_config(config)
     assets = read_text_assets(base)
-    loaded, tasks = load_bank(adapters, adapter_kind, lora_alpha)
-    pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if a.kind not in MERGEABLE)
-    # A task with its own merged LoRA/BitFit loads its own copies of the parts that adapter changes.
+    loaded, tasks = load_bank(adapters, adapter_kind, lora_alpha, lora_mode, log)
+    check_slot_sizes(tasks, prof)
+    # Fed at run time: the adapter's own bytes (a swappable LoRA's A and B). A task with its own merged LoRA/BitFit
+    # loads its own copies of the parts that adapter changes.
+    pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if not merged_here(a))
     counts = parameter_counts(config)
     for task in tasks.values():
-        for part in merged_parts([a for a in task if a.kind in MERGEABLE]):
+        for part in merged_parts(task):
             pack_bytes += counts[part] * BYTES[prof.precision[part]]
     memory = plan_memory(config, prof, adapter_bytes=pack_bytes, int4=int4_opts)
     check_fits(memory, config, prof)
@@ -251,6 +257,25 @@ def plan_build(base, adapters, out, target, force, adapter_kind, verify, precisi
                       log=log, int4_opts=int4_opts, prequantized=prequantized)
 
 
+def check_slot_sizes(tasks: dict, prof: Target) -> None:
+    """TensorRT engines take adapter slots up to the profile's largest: a task's LoRA rank (its LoRAs' ranks add up)
+    up to shapes.lora_rank, a bottleneck up to shapes.adapter_width. Refused now, not when an engine first runs."""
+    if prof.backend != "tensorrt":
+        return
+    for name, adapters in tasks.items():
+        rank = sum(max(a.describe()["ranks"], default=0) for a in adapters if getattr(a, "swappable", False))
+        if rank > prof.shapes["lora_rank"]:
+            raise VlexportError(f"task '{name}': its LoRA rank {rank} is over target '{prof.name}' shapes.lora_rank = "
+                                f"{prof.shapes['lora_rank']}, the largest its TensorRT profiles take; raise "
+                                "shapes.lora_rank in the target profile, or build with --lora-mode merged")
+        for a in adapters:
+            width = max(a.describe()["widths"], default=0) if a.kind == "bottleneck" else 0
+            if width > prof.shapes["adapter_width"]:
+                raise VlexportError(f"task '{name}': bottleneck '{a.path}' is {width} wide, over target '{prof.name}' "
+                                    f"shapes.adapter_width = {prof.shapes['adapter_width']}; raise shapes.adapter_width "
+                                    "in the target profile")
+
+
 def load_and_merge(state: BuildState) -> None:
     with stage(state, "load_and_merge"):
         state.model = model = load_llava(state.base, dtype=state.dtype, attention=EXPORT_ATTENTION[state.dtype])
@@ -261,6 +286,8 @@ def load_and_merge(state: BuildState) -> None:
         facts = state.facts
         vision_layers = max(feature_indices(facts.vision_feature_layer, model.config.vision_config.num_hidden_layers))
         state.slots = slot_geometry(state.tasks, facts, vision_layers, model.config.vision_config.hidden_size)
+        state.lora_slots = lora_geometry(state.tasks, model, {"vision": vision_layers, "decoder": facts.num_layers})
+        state.lora_packs = lora_packs(state.tasks, model, state.lora_slots)
     state.log(f"merged {len(state.loaded)} adapter(s) into the base in {state.dtype}")
 
 
@@ -276,14 +303,26 @@ def apply_awq(state: BuildState) -> None:
                                       state.int4_opts.block_for(state.prof.backend), state.int4_opts.symmetric, state.log,
                                       lm_head_bits=4 if state.int4_opts.lm_head == "int4" else 8,
                                       int8_activations=state.prof.backend != "tensorrt")
-        n = _apply_awq(state.model, state.awq)
+        record: dict = {}
+        n = _apply_awq(state.model, state.awq, record)
+        _follow_rescaled_linears(state, record)
     state.log(f"AWQ: {n} norm/linear groups in the decoder rescaled (scales searched on the calibration set)")
 
 
-def _apply_awq(model, scales: dict | None) -> int:
+def _apply_awq(model, scales: dict | None, record: dict | None = None) -> int:
     from .precision import awq
 
-    return awq.fold(model, scales["scales"]) if scales else 0
+    return awq.fold(model, scales["scales"], record) if scales else 0
+
+
+def _follow_rescaled_linears(state: BuildState, record: dict) -> None:
+    """SmoothQuant and AWQ rescale a linear's input (x / s, W * s) and AWQ some outputs (y / s): the LoRA slot packs,
+    computed on the unscaled model, follow (a * s per input channel, b / s per output), so that every task still
+    adds exactly its delta. DoRA's per-output scale is unchanged by either."""
+    if not state.lora_packs or not record:
+        return
+    names = {module: name for name, module in state.model.named_modules()}
+    rescale_lora_packs(state.lora_packs, {names[m]: scales for m, scales in record.items()})
 
 
 def apply_smoothquant(state: BuildState) -> None:
@@ -292,7 +331,9 @@ def apply_smoothquant(state: BuildState) -> None:
         return
     with stage(state, "smoothquant"):
         state.smoothing = _smoothquant_maxima(state)
-        n = _apply_smoothing(state.model, state.smoothing)
+        record: dict = {}
+        n = _apply_smoothing(state.model, state.smoothing, record)
+        _follow_rescaled_linears(state, record)
     state.log(f"SmoothQuant (alpha {state.smoothing['alpha']}): {n} norm/linear groups in "
               f"{', '.join(state.smoothing['parts'])} rescaled")
 
@@ -351,12 +392,12 @@ def _read_maxima_cache(path: Path, log) -> dict | None:
     return maxima
 
 
-def _apply_smoothing(model, smoothing: dict | None) -> int:
+def _apply_smoothing(model, smoothing: dict | None, record: dict | None = None) -> int:
     from .precision import smoothquant
 
     if not smoothing:
         return 0
-    return smoothquant.smooth(model, smoothing["maxima"], smoothing["alpha"], set(smoothing["parts"]))
+    return smoothquant.smooth(model, smoothing["maxima"], smoothing["alpha"], set(smoothing["parts"]), record)
 
 
 def _export_checked(state: BuildState, spec, path: Path, first_layers: int | None = None) -> dict:
@@ -364,19 +405,25 @@ def _export_checked(state: BuildState, spec, path: Path, first_layers: int | Non
     with track(state.log, f"export {spec.name}", total=2) as advance:
         advance(0, "torch.onnx.export")
         export_part(spec, path)
-        if spec.name in state.slots and state.prof.backend == "onnxruntime":
+        if state.prof.backend == "onnxruntime":
             # Optional slot inputs for ONNX Runtime hosts. Not for TensorRT: its ONNX parser treats an input that
             # has an initializer as a constant, which would freeze the slot.
-            add_slot_defaults(path, spec.name, state.slots[spec.name]["layers"], state.slots[spec.name]["dim"])
+            _add_slot_defaults(state, spec.name, path)
         advance(1, "check: ONNX Runtime vs torch")
         check = check_part(spec, path, state.export_rel_tol, first_layers=first_layers)
         advance(1, "checked")
     return check
 
 
+def _add_slot_defaults(state: BuildState, part: str, path: Path) -> None:
+    empty = lora_slots.no_adapter_feed(state.slots, state.lora_slots, part)
+    if empty:
+        add_slot_defaults(path, empty)
+
+
 def export_parts(state: BuildState) -> None:
     exported = state.exported_precision
-    for spec in part_specs(state.model, state.facts, frozenset(state.slots)):
+    for spec in part_specs(state.model, state.facts, frozenset(state.slots), state.lora_slots):
         with stage(state, f"export_{spec.name}"):
             t = time.perf_counter()
             path = state.tmp / f"{spec.name}.onnx"
@@ -404,12 +451,12 @@ def _native_decoder(state: BuildState, model, module, path: Path, label: str) ->
         state.log(f"{label}: the portable form ships ({reason})")
         return None
     slots = "decoder" in state.slots
+    lora = state.lora_slots.get("decoder")
     with track(state.log, f"{label}: ORT-native form", total=2) as advance:
-        ort_native.write_native_decoder(model, path, slots)
-        if slots:
-            add_slot_defaults(path, "decoder", state.slots["decoder"]["layers"], state.slots["decoder"]["dim"])
+        ort_native.write_native_decoder(model, path, slots, lora=lora)
+        _add_slot_defaults(state, "decoder", path)
         advance(1, "check: ONNX Runtime vs torch")
-        check = ort_native.check_native_decoder(module, path, state.export_rel_tol, slots, label)
+        check = ort_native.check_native_decoder(module, path, state.export_rel_tol, slots, label, lora=lora)
         advance(1, "checked")
     return check
 
@@ -425,8 +472,8 @@ def export_native_forms(state: BuildState) -> None:
             from .export.parts import DecoderPart
 
             path = state.tmp / decoder["file"]
-            check = _native_decoder(state, state.model, DecoderPart(state.model, "decoder" in state.slots), path,
-                                    "decoder")
+            module = DecoderPart(state.model, "decoder" in state.slots, state.lora_slots.get("decoder"))
+            check = _native_decoder(state, state.model, module, path, "decoder")
             if check is not None:
                 decoder.update(form=ort_native.FORM, **onnx_io(path),
                                export_check={**check, "portable": decoder["export_check"]})
@@ -438,7 +485,7 @@ def export_native_forms(state: BuildState) -> None:
 def export_task_parts(state: BuildState) -> None:
     """Tasks with their own LoRA/BitFit: the parts it changes, exported again with it merged (a copy per task)."""
     for name, task_adapters in state.tasks.items():
-        own = [a for a in task_adapters if a.kind in MERGEABLE]
+        own = [a for a in task_adapters if merged_here(a)]
         if not own:
             continue
         wanted = merged_parts(own)
@@ -447,7 +494,7 @@ def export_task_parts(state: BuildState) -> None:
             merge_adapters(model, [*state.loaded, *own], state.log)
             _apply_smoothing(model, state.smoothing)  # the base's channel maxima; the fold is exact for any weights
             _apply_awq(model, state.awq)
-            for spec in part_specs(model, state.facts, frozenset(state.slots)):
+            for spec in part_specs(model, state.facts, frozenset(state.slots), state.lora_slots):
                 if spec.name not in wanted:
                     continue
                 path = state.tmp / "tasks" / name / f"{spec.name}.onnx"
@@ -473,8 +520,9 @@ def write_assets_and_manifest(state: BuildState) -> None:
         "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava",
                  **({"prequantized": state.prequantized} if state.prequantized else {})},
         "adapters": [a.describe() for a in state.loaded],
-        "tasks": write_packs(tmp, state.tasks, facts, state.slots, state.task_parts),
+        "tasks": write_packs(tmp, state.tasks, facts, state.slots, state.task_parts, state.lora_packs),
         "slots": state.slots,
+        "lora_slots": state.lora_slots,
         "target": state.prof.to_dict(),
         "memory_plan": state.memory.to_dict(),
         "parts": state.parts,
@@ -632,14 +680,17 @@ def build(
     strict_precision: bool = False,
     log: Callable[[str], None] = lambda msg: None,
     lora_alpha: float | None = None,
+    lora_mode: str = "swappable",
 ) -> dict:
     """Build a bundle. Every input is checked before the first expensive step; on any failure nothing is left at `out`.
 
     verify_layers=N verifies only the first N decoder layers (`vlexport verify --layers`); it is chosen (N=2) when
     the fp32 PyTorch reference would not fit in memory. oracle: auto | fp64 | off (see vlexport/parity/verify.py).
-    strict_precision: fail (exit 1) when a part ships at a higher precision than the target asked for."""
+    strict_precision: fail (exit 1) when a part ships at a higher precision than the target asked for.
+    lora_mode: a named task's LoRA is fed per request through LoRA slots over one base graph (swappable), or
+    merged into copies of the parts it changes (merged)."""
     state = plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
-                       oracle, strict_precision, log, int4=int4, lora_alpha=lora_alpha)
+                       oracle, strict_precision, log, int4=int4, lora_alpha=lora_alpha, lora_mode=lora_mode)
     with atomic_directory(state.out, force, log) as tmp:
         state.tmp = tmp
         with track(log, "build", total=len(STAGES)) as advance:

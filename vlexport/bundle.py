@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator
 from .errors import VlexportError
 from .files import atomic_write_text, sha256_file
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: adapter slot inputs have a row axis (slots.py, lora_slots.py)
 MANIFEST = "manifest.json"
 SEAL_KEY = "manifest_sha256"
 # Keys every manifest must have (dotted = nested); the runtime reads all of them.

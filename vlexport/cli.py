@@ -224,6 +224,9 @@ def build(
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", metavar="ALPHA",
                                                help="LoRA alpha for single-file LoRAs that do not record it (a bare "
                                                     "safetensors without metadata, mlx-lm without scale, kohya without alpha keys)."),
+    lora_mode: str = typer.Option("swappable", "--lora-mode", metavar="swappable|merged",
+                                  help="A named task's LoRA: fed per request over one base graph (swappable, the "
+                                       "default) or merged into a copy of the parts it changes (merged)."),
     target: str = typer.Option("cpu", "--target", metavar="NAME|PATH", help="Target profile name (vlexport targets) or a .toml path."),
     output: Path = typer.Option(..., "-o", "--output", metavar="DIR", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing bundle at -o."),
@@ -262,7 +265,7 @@ def build(
                          adapter_kind=AdapterKind(adapter_kind).value if adapter_kind else None, verify=verify,
                          precision=parse_precision_overrides(precision), int8=int8, int4=int4, calib=calib, verify_layers=layers,
                          oracle=Oracle(oracle).value, strict_precision=strict_precision, log=Reporter(console, quiet),
-                         lora_alpha=lora_alpha)
+                         lora_alpha=lora_alpha, lora_mode=lora_mode)
     summary = build_summary(Path(output), manifest)
     downgrades = _downgrades(summary["precision"])
     if as_json:
@@ -286,7 +289,7 @@ def build(
 @_handle_errors
 def run(
     bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory."),
-    image: Path = typer.Option(..., "--image", metavar="PATH", help="Image file."),
+    image: Optional[Path] = typer.Option(None, "--image", metavar="PATH", help="Image file."),
     prompt: Optional[str] = typer.Option(None, "--prompt", metavar="QUESTION", help="Question; the base's chat template is applied."),
     raw_prompt: Optional[str] = typer.Option(None, "--raw-prompt", metavar="PROMPT", help="Prompt used verbatim, with the <image> placeholder."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, metavar="N", help="Most tokens to generate."),
@@ -296,6 +299,13 @@ def run(
     threads: Optional[int] = _threads_option(),
     backend: Backend = _backend_option(),
     task: Optional[str] = typer.Option(None, "--task", metavar="NAME", help="Bank task to answer with (vlexport inspect lists them)."),
+    batch: Optional[Path] = typer.Option(None, "--batch", metavar="FILE.jsonl",
+                                         help="Many requests decoded together, one JSON object per line: {\"image\", "
+                                              "\"prompt\" | \"raw_prompt\", \"task\"?, \"max_new_tokens\"?} (greedy; relative "
+                                              "image paths are read from the file's folder). Prints one JSON line per "
+                                              "request, in input order."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, metavar="N",
+                                  help="With --batch: most requests that share one decode step (each holds a KV cache)."),
     as_json: bool = _json_option("{text, token_ids, timings}"),
     quiet: bool = _quiet_option(),
 ):
@@ -303,6 +313,25 @@ def run(
     from .runtime import Bundle, check_sampling
 
     check_sampling(max_new_tokens, temperature, top_p)  # before anything is opened
+    if batch is not None:
+        single = {"--image": image, "--prompt": prompt, "--raw-prompt": raw_prompt, "--task": task}
+        given = [name for name, value in single.items() if value is not None]
+        if given:
+            raise VlexportError(f"--batch takes each request's image, prompt and task from its lines; drop {', '.join(given)}")
+        if temperature > 0 or top_p != 1.0 or seed != 0:
+            raise VlexportError("--batch decodes greedily; drop --temperature, --top-p and --seed (or run requests one "
+                                "by one to sample)")
+        requests = read_batch_requests(batch, max_new_tokens)
+        loaded = Bundle(bundle, threads=_default_threads(threads), backend=Backend(backend).value)
+        for result in loaded.generate_batch(requests, max_batch=max_batch):
+            line = {"text": result.text, "token_ids": result.token_ids, "task": result.timings.get("task")}
+            if as_json:  # JSON Lines: one document per request, in input order
+                _print_json(line)
+            else:
+                out.print(result.text, highlight=False)
+        return
+    if image is None:
+        raise VlexportError("give --image (one request) or --batch FILE.jsonl (many)")
     if not image.is_file():
         raise VlexportError(f"--image '{image}' does not exist")
     result = Bundle(bundle, threads=_default_threads(threads), backend=Backend(backend).value).generate(
@@ -317,6 +346,52 @@ def run(
         t = result.timings
         console.print(f"[dim]vision {t['vision_ms']:.0f} ms, prefill {t['prefill_ms']:.0f} ms, "
                       f"decode {t['decode_ms_per_token']:.1f} ms/token, {t['new_tokens']} tokens[/]")
+
+
+_BATCH_KEYS = ("image", "prompt", "raw_prompt", "task", "max_new_tokens")
+
+
+def read_batch_requests(path: Path, default_max_new_tokens: int) -> list:
+    """`run --batch` lines as Requests, each line checked by name (file:line) before anything runs."""
+    from .runtime import Request
+
+    if not path.is_file():
+        raise VlexportError(f"--batch '{path}' does not exist")
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"--batch {path}:{number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise VlexportError(f"{where}: not JSON ({e.msg}); write one object per line") from None
+        if not isinstance(entry, dict):
+            raise VlexportError(f"{where}: expected a JSON object with \"image\" and \"prompt\" or \"raw_prompt\"")
+        unknown = sorted(set(entry) - set(_BATCH_KEYS))
+        if unknown:
+            raise VlexportError(f"{where}: unknown key(s) {', '.join(unknown)}; use {', '.join(_BATCH_KEYS)}")
+        if not isinstance(entry.get("image"), str):
+            raise VlexportError(f"{where}: \"image\" must be the path of an image file")
+        image = Path(entry["image"])
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise VlexportError(f"{where}: image '{image}' does not exist")
+        if ("prompt" in entry) == ("raw_prompt" in entry):
+            raise VlexportError(f"{where}: give exactly one of \"prompt\" (chat template applied) or \"raw_prompt\"")
+        text_key = "prompt" if "prompt" in entry else "raw_prompt"
+        if not isinstance(entry[text_key], str):
+            raise VlexportError(f"{where}: \"{text_key}\" must be a string")
+        if entry.get("task") is not None and not isinstance(entry["task"], str):
+            raise VlexportError(f"{where}: \"task\" must be a task name (vlexport inspect lists them) or null")
+        max_new = entry.get("max_new_tokens", default_max_new_tokens)
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise VlexportError(f"{where}: \"max_new_tokens\" must be a whole number of at least 1")
+        requests.append(Request(image=image, prompt=entry.get("prompt"), raw_prompt=entry.get("raw_prompt"),
+                                task=entry.get("task"), max_new_tokens=max_new))
+    if not requests:
+        raise VlexportError(f"--batch '{path}' has no requests; write one JSON object per line")
+    return requests
 
 
 # -- serve ----------------------------------------------------------------------------------------------------------
@@ -716,6 +791,49 @@ def fixture_llava(
         _print_json({"kind": "llava", "path": str(dest), "preset": name})
     else:
         out.print(f"wrote {name} LLaVA to {dest}", highlight=False)
+
+
+FamilyPreset = Enum("FamilyPreset", {p: p for p in ("tiny", "small")}, type=str)
+
+
+def _fixture_family(kind: str, make, out_dir, output, preset, seed, as_json) -> None:
+    dest = _one_output(out_dir, output)
+    name = FamilyPreset(preset).value
+    make(dest, name, seed)
+    if as_json:
+        _print_json({"kind": kind, "path": str(dest), "preset": name})
+    else:
+        out.print(f"wrote {name} {kind} to {dest}", highlight=False)
+
+
+@fixture_command("llava-next")
+@_handle_errors
+def fixture_llava_next(
+    out_dir: Optional[Path] = _old_output_argument(),
+    output: Optional[Path] = _output_option("the LLaVA-NeXT directory"),
+    preset: FamilyPreset = typer.Option("tiny", "--preset", help="Model size: tiny (56-px tiles, seconds) or small (224-px tiles, 12 layers: about 4 minutes)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the random weights."),
+    as_json: bool = _json_option("{kind, path, preset}"),
+):
+    """A seeded random LLaVA-NeXT (CLIP + Llama, any-resolution tiles) in the Hugging Face layout."""
+    from .fixture_family import make_llava_next
+
+    _fixture_family("llava-next", make_llava_next, out_dir, output, preset, seed, as_json)
+
+
+@fixture_command("llava-onevision")
+@_handle_errors
+def fixture_llava_onevision(
+    out_dir: Optional[Path] = _old_output_argument(),
+    output: Optional[Path] = _output_option("the LLaVA-OneVision directory"),
+    preset: FamilyPreset = typer.Option("tiny", "--preset", help="Model size: tiny (60-px tiles, seconds) or small (224-px tiles, 12 layers: about 4 minutes)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the random weights."),
+    as_json: bool = _json_option("{kind, path, preset}"),
+):
+    """A seeded random LLaVA-OneVision (SigLIP + Qwen2, anyres_max_9) in the Hugging Face layout."""
+    from .fixture_family import make_llava_onevision
+
+    _fixture_family("llava-onevision", make_llava_onevision, out_dir, output, preset, seed, as_json)
 
 
 @fixture_command("lora")

@@ -488,10 +488,19 @@ def make_adapterhub_bottleneck(base_dir: str | Path, out_dir: str | Path, tower:
             state[f"{key}.adapter_down.0.bias"] = scale * torch.randn(width, generator=g)
             state[f"{key}.adapter_up.weight"] = scale * torch.randn(hidden, width, generator=g)
             state[f"{key}.adapter_up.bias"] = scale * torch.randn(hidden, generator=g)
+    return _save_adapterhub(out_dir, state, name, cfg, hidden, vision=tower == "vision")
+
+
+def _save_adapterhub(out_dir: str | Path, state: dict, name: str, cfg: dict, hidden: int, vision: bool) -> Path:
+    """The two files AdapterHub's save_adapter writes: adapter_config.json (its metadata) and pytorch_adapter.bin."""
+    import json
+
+    import torch
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": cfg, "hidden_size": hidden, "model_class": "CLIPVisionModel" if tower == "vision" else "LlamaForCausalLM",
-            "model_name": "", "model_type": "clip_vision_model" if tower == "vision" else "llama", "name": name,
+    meta = {"config": cfg, "hidden_size": hidden, "model_class": "CLIPVisionModel" if vision else "LlamaForCausalLM",
+            "model_name": "", "model_type": "clip_vision_model" if vision else "llama", "name": name,
             "version": "adapters.1.3.0"}
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     torch.save(state, out / "pytorch_adapter.bin")
@@ -525,13 +534,7 @@ def make_adapterhub_prefix(base_dir: str | Path, out_dir: str | Path, prefix_len
     cfg = {"architecture": "prefix_tuning", "bottleneck_size": 32, "cross_prefix": True, "dropout": 0.0,
            "encoder_prefix": True, "flat": flat, "leave_out": [], "non_linearity": "tanh",
            "prefix_length": prefix_length, "shared_gating": True, "use_gating": False}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": cfg, "hidden_size": hidden, "model_class": "LlamaForCausalLM", "model_name": "",
-            "model_type": "llama", "name": name, "version": "adapters.1.3.0"}
-    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-    torch.save(state, out / "pytorch_adapter.bin")
-    return out
+    return _save_adapterhub(out_dir, state, name, cfg, hidden, vision=False)
 
 
 # PEFT's other mergeable methods: per type, the options that fit the tiny presets' widths (32 in CLIP, 64 in Llama)

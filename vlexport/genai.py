@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lora_slots
 from .bundle import bundle_file
 from .errors import VlexportError
 from .files import atomic_write_text
@@ -275,8 +276,9 @@ def _bake_pack(src: Path, dst: Path, values: dict) -> None:
 def write_task_files(bundle_dir: Path, manifest: dict) -> dict:
     """ORT-GenAI entries for bank tasks: a genai_config overlay that points og.Model at the task's parts.
 
-    A task with its own merged LoRA/BitFit uses its merged copies; a bottleneck task gets copies of the slotted
-    parts' graphs with its weights as the slot defaults. Returns {task: {"overlay": {...}} | {"unsupported": why}}."""
+    A task with its own merged LoRA/BitFit uses its merged copies; a task fed through slots (bottleneck, swappable
+    LoRA) gets copies of the slotted parts' graphs with its weights as the slot defaults (ORT-GenAI's multimodal
+    pipeline feeds no adapter inputs). Returns {task: {"overlay": {...}} | {"unsupported": why}}."""
     from safetensors.numpy import load_file
 
     bundle_dir = Path(bundle_dir)
@@ -286,12 +288,16 @@ def write_task_files(bundle_dir: Path, manifest: dict) -> dict:
             out[name] = {"unsupported": PREFIX_UNSUPPORTED}
             continue
         files = dict(task.get("parts") or {})
-        if task.get("bottleneck_parts"):
+        slotted = sorted(set(task.get("bottleneck_parts") or []) | set(task.get("lora_parts") or []))
+        if slotted:
             pack = load_file(str(bundle_file(bundle_dir, task["pack"], f"tasks.{name}.pack")))
-            for part in task["bottleneck_parts"]:
+            for part in slotted:
                 src = bundle_file(bundle_dir, files.get(part, manifest["parts"][part]["file"]), f"tasks.{name}.parts.{part}")
                 dst = src.with_name(f"{src.name[:-len('.onnx')]}.task-{name}.onnx")
-                _bake_pack(src, dst, {k: v for k, v in pack.items() if k.startswith(f"{part}_adapter.")})
+                # Every LoRA group of the part at the task's one rank (lora_slots.one_rank), the rest "no LoRA".
+                values = {**lora_slots.no_adapter_feed(manifest.get("slots"), manifest.get("lora_slots"), part),
+                          **{k: v for k, v in pack.items() if k.startswith((f"{part}_adapter.", f"{part}_lora."))}}
+                _bake_pack(src, dst, lora_slots.one_rank(values))
                 files[part] = dst.relative_to(bundle_dir).as_posix()
         overlay = {"model": {GENAI_SECTIONS[part]: {"filename": f} for part, f in sorted(files.items())}}
         out[name] = {"overlay": overlay}

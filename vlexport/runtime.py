@@ -13,7 +13,7 @@ from .backends.onnxruntime import OrtRunner
 from .bundle import bundle_file, read_manifest
 from .errors import VlexportError
 from .preprocess import ImageSpec, expand_image_tokens, open_image, preprocess_image
-from .slots import empty_feed
+from . import lora_slots
 
 
 @dataclass
@@ -56,17 +56,30 @@ def render_chat_prompt(template: str, prompt: str, bos_token: str | None, eos_to
     return render_chat_template(template, messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
 
 
+@dataclass
+class Request:
+    """One question about one image, for Bundle.generate_batch (and `vlexport run --batch`)."""
+    image: object  # path or PIL image
+    prompt: str | None = None
+    raw_prompt: str | None = None
+    task: str | None = None
+    max_new_tokens: int = 32
+
+
 class KvState:
     """The decoder's cache for the rows of one batch, and what each row needs for its next step.
 
-    Every row runs the same decoder graph with the same fed weights (one decoder group, Bundle.decoder_group): `task`
-    is the task whose graph and slot weights the steps use; `tasks` keeps each row's own task. Portable form: past
+    Every row runs the same decoder graph (one decoder group, Bundle.decoder_group): `task` is the task whose graph
+    the steps use; `tasks` keeps each row's own task, whose adapter slot weights (LoRA, bottleneck) the row is fed:
+    one row of slot inputs when every row has the same task, else one per row (the "per-row adapter index",
+    resolved into stacked rows once per change of the batch's rows, not per step). Portable form: past
     [rows, kv, T, hd] left-padded, `mask` 0 on the padding. ORT-native form: a SharedKvBuffer (backends/ort_kv.py)
     of fixed rows and capacity, written in place; `slots` maps each row to its buffer row."""
 
     def __init__(self, group: str, form: str, task: str | None):
         self.group, self.form, self.task = group, form, task
         self.tasks: list[str | None] = []
+        self._feed: tuple | None = None  # (key, feed): the decoder slot feed for the rows as they are
         self.positions = np.zeros(0, np.int64)  # position of the next token fed, per row
         self.logits: np.ndarray | None = None  # [rows, vocab]: the latest logits of each row
         self.past: dict[str, np.ndarray] = {}
@@ -118,7 +131,7 @@ class KvState:
             self.buffer.fill_prefix(row, pack)
         else:
             self.buffer.clear(row)
-        feed = bundle.slot_feed("decoder", task)
+        feed = bundle.slot_feed("decoder", task)  # the row alone: one row of slot inputs
         n = embeds.shape[1]
         chunk = chunk or n
         for start in range(0, n, chunk):
@@ -137,8 +150,33 @@ class KvState:
             full_embeds[self.slots], full_pos[self.slots] = embeds, positions
             active = np.zeros(total, bool)
             active[self.slots] = True
-        logits = self.buffer.step(full_embeds, full_pos, bundle.slot_feed("decoder", task), active)
+        logits = self.buffer.step(full_embeds, full_pos, self.decoder_feed(bundle), active)
         return logits[self.slots, -1]
+
+    def decoder_feed(self, bundle: "Bundle") -> dict:
+        """The decoder's slot inputs for a step: each row its own task's adapters, or, in the ORT-native form, one
+        row for all when they agree. Built once per change of the batch's rows, not per step."""
+        if self.form == "ort-native":
+            # Buffer rows no request holds run masked out: they take an active row's task, so that rows of one
+            # task keep the one broadcast row of slot inputs.
+            owner = dict(zip(self.slots, self.tasks))
+            spare = self.tasks[0] if self.tasks else _NO_TASK
+            row_tasks = tuple(owner.get(r, spare) for r in range(self.buffer.lengths.shape[0]))
+        else:
+            row_tasks = tuple(self.tasks)
+        if self._feed is not None and self._feed[0] == row_tasks:
+            return self._feed[1]
+        distinct = set(row_tasks)
+        if len(distinct) == 1 and (self.form == "ort-native" or len(row_tasks) == 1):
+            feed = bundle.slot_feed("decoder", _task_of(row_tasks[0]))
+        else:  # one row of slot inputs per batch row (the portable graph takes no broadcast row: lora_slots.py)
+            if len(distinct) == 1:
+                feed = lora_slots.repeat_rows(bundle.slot_feed("decoder", _task_of(row_tasks[0])), len(row_tasks))
+            else:
+                rows = [bundle.slot_feed("decoder", _task_of(t)) for t in row_tasks]
+                feed = lora_slots.stack_rows(rows, *lora_slots.slot_axes(rows[0])) if rows[0] else {}
+        self._feed = (row_tasks, feed)
+        return feed
 
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens per row: past the buffer's capacity, a buffer twice as large (or as large as
@@ -188,6 +226,13 @@ class KvState:
         else:
             self.mask = self.mask[:, :-steps]
             self.past = {k: v[:, :, :-steps] for k, v in self.past.items()}
+
+
+_NO_TASK = object()  # a buffer row no request holds
+
+
+def _task_of(row_task):
+    return None if row_task is _NO_TASK else row_task
 
 
 def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
@@ -245,9 +290,12 @@ class Bundle:
         }
         if self._task_runners and backend != "onnxruntime":
             raise VlexportError("tasks with their own merged parts run on ONNX Runtime only for now")
-        # Bottleneck adapter slots, if the parts have them: every run feeds the task's weights, or "no adapter".
+        # Adapter slots (bottleneck, LoRA), if the parts have them: every run feeds the task's weights, or "no adapter".
         self.slots = m.get("slots") or {}
-        self._no_adapter = {part: empty_feed(part, spec["layers"], spec["dim"]) for part, spec in self.slots.items()}
+        self.lora_slots = m.get("lora_slots") or {}
+        self._no_adapter = {part: lora_slots.no_adapter_feed(self.slots, self.lora_slots, part)
+                            for part in sorted(set(self.slots) | set(self.lora_slots))}
+        self._slot_feeds: dict = {}
         self.max_position_embeddings = model.get("max_position_embeddings")
         # Prefill in chunks of this many tokens (None: the whole prompt in one decoder run, which measured faster;
         # see bench/results/2026-12-02-epyc-2core/prefill-chunks.md).
@@ -312,7 +360,9 @@ class Bundle:
         return self._task_runners.get(task, {}).get(part) or self.runners[part]
 
     def image_features(self, pixel_values: np.ndarray, task: str | None = None) -> np.ndarray:
-        feed = {"pixel_values": pixel_values, **self.slot_feed("vision", task)}
+        # The vision graph is portable: one row of slot inputs per image (lora_slots.py).
+        feed = {"pixel_values": pixel_values,
+                **lora_slots.repeat_rows(self.slot_feed("vision", task), pixel_values.shape[0])}
         return self.runner("vision", task).infer(feed)["image_features"]
 
     def resolve_task(self, task: str | None) -> str | None:
@@ -325,11 +375,16 @@ class Bundle:
         return task
 
     def slot_feed(self, part: str, task: str | None) -> dict:
-        if part not in self.slots:
+        """The part's slot inputs for one task (one row), "no adapter" where the task feeds nothing there."""
+        if part not in self._no_adapter:
             return {}
         task = self.resolve_task(task)
-        pack = self._packs.get(task, {}) if task is not None else {}
-        return {name: pack.get(name, empty) for name, empty in self._no_adapter[part].items()}
+        key = (part, task)
+        if key not in self._slot_feeds:  # built once per task and part: switching stays a lookup
+            pack = self._packs.get(task, {}) if task is not None else {}
+            self._slot_feeds[key] = lora_slots.one_rank(
+                {name: pack.get(name, empty) for name, empty in self._no_adapter[part].items()})
+        return self._slot_feeds[key]
 
     # -- the KV loop: the only place that feeds the decoder ---------------------------------------------------
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
@@ -349,13 +404,12 @@ class Bundle:
         return {k: pack[k] for k in self.empty_past()}, int(info["prefix_tokens"]), int(info["position_offset"])
 
     def decoder_group(self, task: str | None) -> str:
-        """Tasks with the same key run the decoder alike (same graph, same fed weights), so their rows may share one
-        decode step. Only prefix tasks add nothing but KV entries and positions, which are per row; any other kind
-        (bottleneck slot weights in the decoder) or a task's own merged parts gets a key of its own."""
+        """Tasks with the same key run the same decoder graph, so their rows may share one decode step (a mixed
+        batch). What a task feeds at run time is per row: prefix KV entries and positions, and LoRA and bottleneck
+        slot weights (KvState.decoder_feed). Only a task with its own merged decoder or embed part has a key of its own."""
         task = self.resolve_task(task)
         info = (self.tasks.get(task) or {}) if task is not None else {}
-        kinds = {a.get("kind") for a in info.get("adapters", [])}
-        return "" if not info.get("parts") and kinds <= {"prefix"} else f"task:{task}"
+        return f"task:{task}" if {"decoder", "embed"} & set(info.get("parts") or {}) else ""
 
     def decoder_form(self, task: str | None = None) -> str:
         """"ort-native" (fused attention over a shared KV buffer, ONNX Runtime only) or "portable" (past -> present
@@ -414,10 +468,11 @@ class Bundle:
             logits, past = self._run_decoder(embeds[:, start:stop], mask, positions[:, start:stop], past, task)
         return logits, past
 
-    def _run_decoder(self, embeds, attention_mask, position_ids, past: dict, task):
+    def _run_decoder(self, embeds, attention_mask, position_ids, past: dict, task, feed: dict | None = None):
+        """feed: the slot inputs (default: the task's, one row)."""
         out = self.runner("decoder", task).infer(
             {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past,
-             **self.slot_feed("decoder", task)}
+             **(self.slot_feed("decoder", task) if feed is None else feed)}
         )
         present = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
         return out["logits"], present
@@ -435,7 +490,7 @@ class Bundle:
             logits = state.native_step(self, task, embeds, positions)
         else:
             mask = np.concatenate([state.mask, np.ones((state.rows, 1), np.int64)], axis=1)
-            logits, state.past = self._run_decoder(embeds, mask, positions, state.past, task)
+            logits, state.past = self._run_decoder(embeds, mask, positions, state.past, task, state.decoder_feed(self))
             state.mask = mask
             logits = logits[:, -1]
         state.positions = state.positions + 1
@@ -452,6 +507,35 @@ class Bundle:
             rows.append(self.step(state, [token])[0])
         return np.stack(rows)
 
+    def prepare(self, image, prompt: str | None, raw_prompt: str | None, max_new_tokens: int, task: str | None
+                ) -> list[int]:
+        """The prompt's token ids for one request, every check made before the image is read or a cache
+        allocated."""
+        if (prompt is None) == (raw_prompt is None):
+            raise VlexportError("give exactly one of --prompt (chat template applied) or --raw-prompt (used verbatim)")
+        self.resolve_task(task)
+        text = self.chat_prompt(prompt) if prompt is not None else raw_prompt
+        ids = self.encode(text)
+        self.check_context(len(ids), max_new_tokens, task)
+        self.check_image_tokens(ids)
+        return ids
+
+    def check_image_tokens(self, ids: list[int], n_features: int | None = None) -> None:
+        n_image = ids.count(self.image_token_id)
+        want = self.num_image_tokens if n_features is None else n_features
+        if n_image != want:
+            # The embed graph would silently fill unmatched positions with zeros.
+            source = "the bundle's vision part gives" if n_features is None else "the image gave"
+            raise VlexportError(
+                f"the prompt has {n_image} image tokens but {source} {want} features; write the image as one "
+                f"'{self.image_token}' placeholder and let vlexport expand it"
+            )
+
+    def features_for(self, image, ids: list[int], task: str | None) -> np.ndarray:
+        features = self.image_features(self.pixel_values(image), task)
+        self.check_image_tokens(ids, features.shape[0])
+        return features
+
     def generate(
         self,
         image,
@@ -463,32 +547,13 @@ class Bundle:
         seed: int = 0,
         task: str | None = None,
     ) -> Generation:
-        if (prompt is None) == (raw_prompt is None):
-            raise VlexportError("give exactly one of --prompt (chat template applied) or --raw-prompt (used verbatim)")
         check_sampling(max_new_tokens, temperature, top_p)
-        self.resolve_task(task)
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        text = self.chat_prompt(prompt) if prompt is not None else raw_prompt
-        ids = self.encode(text)
-        # Before the image is read or vision runs, and before any cache is allocated.
-        self.check_context(len(ids), max_new_tokens, task)
-        n_image = ids.count(self.image_token_id)
-        if n_image != self.num_image_tokens:
-            raise VlexportError(
-                f"the prompt has {n_image} image tokens but the bundle's vision part gives {self.num_image_tokens} "
-                f"features; write the image as one '{self.image_token}' placeholder and let vlexport expand it"
-            )
+        ids = self.prepare(image, prompt, raw_prompt, max_new_tokens, task)
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
         features = self.image_features(pixels, task)
-        n_image = ids.count(self.image_token_id)
-        if n_image != features.shape[0]:
-            # The embed graph would silently fill unmatched positions with zeros.
-            raise VlexportError(
-                f"the prompt has {n_image} image tokens but the image gave {features.shape[0]} features; "
-                f"write the image as one '{self.image_token}' placeholder and let vlexport expand it"
-            )
+        self.check_image_tokens(ids, features.shape[0])
         t2 = time.perf_counter()
         rng = np.random.default_rng(seed)
         state = self.prefill(ids, features, task, capacity=self.prefix(task)[1] + len(ids) + max_new_tokens)
@@ -512,6 +577,62 @@ class Bundle:
             "task": self.resolve_task(task),
         }
         return Generation(text=self.decode(new), token_ids=new, prompt_ids=ids, timings=timings)
+
+    def generate_batch(self, requests: list[Request], max_batch: int | None = None) -> list[Generation]:
+        """Greedy answers to many requests, decoded together: rows of different tasks (base included) share each
+        decode step wherever they run the same decoder graph (decoder_group), each row fed its own task's prefix,
+        LoRA and bottleneck weights. Every request is checked before any runs. Results are in input order, and
+        each row's tokens are those of its request run alone. max_batch: most rows per decode step (None: all)."""
+        if not requests:
+            return []
+        prepared = []
+        for i, r in enumerate(requests):
+            if not isinstance(r, Request):
+                raise VlexportError(f"request {i + 1}: expected a vlexport.Request, got {type(r).__name__}")
+            try:
+                check_sampling(r.max_new_tokens, 0.0, 1.0)
+                ids = self.prepare(r.image, r.prompt, r.raw_prompt, r.max_new_tokens, r.task)
+                image = open_image(r.image) if isinstance(r.image, (str, Path)) else r.image  # read before any runs
+            except VlexportError as e:
+                raise VlexportError(f"request {i + 1}: {e}") from None
+            prepared.append((i, ids, self.resolve_task(r.task), image))
+        groups: dict[str, list] = {}
+        for entry in prepared:
+            groups.setdefault(self.decoder_group(entry[2]), []).append(entry)
+        results: dict[int, Generation] = {}
+        size = max_batch or len(requests)
+        for members in groups.values():
+            for start in range(0, len(members), size):
+                self._decode_together(members[start:start + size], requests, results)
+        return [results[i] for i in range(len(requests))]
+
+    def _decode_together(self, members: list, requests: list[Request], results: dict) -> None:
+        """Prefill each member into one state, then step all rows at once; a row leaves when it is done."""
+        t0 = time.perf_counter()
+        capacity = max(self.prefix(task)[1] + len(ids) + requests[i].max_new_tokens for i, ids, task, _ in members)
+        state = None
+        for i, ids, task, image in members:
+            features = self.features_for(image, ids, task)
+            state = self.prefill(ids, features, task, into=state, capacity=capacity, rows=len(members))
+        active = list(members)
+        new = {i: [] for i, *_ in members}
+        while active:
+            tokens = [int(np.argmax(state.logits[k])) for k in range(len(active))]
+            keep = []
+            for k, ((i, *_), token) in enumerate(zip(active, tokens)):
+                new[i].append(token)
+                if token not in self.eos_ids and len(new[i]) < requests[i].max_new_tokens:
+                    keep.append(k)
+            if not keep:
+                break
+            state.keep(keep)
+            active = [active[k] for k in keep]
+            self.step(state, [tokens[k] for k in keep])
+        seconds = time.perf_counter() - t0
+        for i, ids, task, _ in members:
+            results[i] = Generation(text=self.decode(new[i]), token_ids=new[i], prompt_ids=ids,
+                                    timings={"batch_rows": len(members), "batch_ms": 1000 * seconds,
+                                             "prompt_tokens": len(ids), "new_tokens": len(new[i]), "task": task})
 
 
 def check_threads(threads) -> None:

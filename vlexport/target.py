@@ -33,7 +33,9 @@ from .model import PARTS
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
-DEFAULT_SHAPES = {"batch": [1, 1, 1], "images": [1, 1, 1], "prompt_tokens": [1, 600, 2048], "context": 4096}
+# adapter_width / lora_rank: the widest bottleneck and the largest LoRA rank a slot takes (TensorRT profiles).
+DEFAULT_SHAPES = {"batch": [1, 1, 1], "images": [1, 1, 1], "prompt_tokens": [1, 600, 2048], "context": 4096,
+                  "adapter_width": 256, "lora_rank": 64}
 TOP_LEVEL_KEYS = ("name", "description", "backend", "device", "compute_capability", "tensorrt_versions", "jetpack",
                   "usable_memory_gb", "memory_bandwidth_gbs", "dla_cores", "runtime_overhead_gb", "precision", "shapes",
                   "builder", "int8", "int4", "memory", "parity")
@@ -222,8 +224,10 @@ def load_target(name_or_path: str) -> Target:
     _check_keys(where, data["precision"], PARTS, "precision")
     _check_keys(where, data.get("shapes", {}), tuple(DEFAULT_SHAPES), "shapes")
     _check_keys(where, data.get("builder", {}), BUILDER_KEYS, "builder")
-    _check_int8_keys(where, data.get("int8", {}))
-    _check_keys(where, data.get("int4", {}), tuple(_int4_defaults()), "int4")
+    from .precision import INT4_DEFAULTS, INT8_DEFAULTS, int4_options, int8_options  # here: it imports numpy
+
+    _check_keys(where, data.get("int8", {}), tuple(INT8_DEFAULTS), "int8")
+    _check_keys(where, data.get("int4", {}), tuple(INT4_DEFAULTS), "int4")
     _check_memory(where, data.get("memory", {}))
     if data["backend"] not in BACKENDS:
         raise VlexportError(f"target profile '{path}': backend '{data['backend']}' is not one of {', '.join(BACKENDS)}")
@@ -240,6 +244,10 @@ def load_target(name_or_path: str) -> Target:
         _range(path, key, shapes[key])
     if not (isinstance(shapes["context"], int) and shapes["context"] >= shapes["prompt_tokens"][2]):
         raise VlexportError(f"target profile '{path}': shapes.context must be an integer >= shapes.prompt_tokens max")
+    for key in ("adapter_width", "lora_rank"):
+        if isinstance(shapes[key], bool) or not isinstance(shapes[key], int) or shapes[key] < 1:
+            raise VlexportError(f"target profile '{path}': shapes.{key} must be a whole number >= 1 (the largest "
+                                f"{'bottleneck width' if key == 'adapter_width' else 'LoRA rank'} an adapter slot takes)")
     if data["backend"] == "tensorrt":
         for key in ("compute_capability", "tensorrt_versions", "usable_memory_gb"):
             if key not in data:
@@ -260,41 +268,18 @@ def load_target(name_or_path: str) -> Target:
         runtime_overhead_gb=float(data.get("runtime_overhead_gb", 0.5)),
         shapes=shapes,
         builder=dict(data.get("builder", {})),
-        int8=_int8_section(path, data.get("int8", {})),
-        int4=_int4_section(path, data.get("int4", {})),
+        int8=_options_section(path, data.get("int8", {}), "int8", int8_options),
+        int4=_options_section(path, data.get("int4", {}), "int4", int4_options),
         memory=dict(data.get("memory", {})),
     )
 
 
-def _check_int8_keys(where: str, section) -> None:
-    from .precision import INT8_DEFAULTS
-
-    _check_keys(where, section, tuple(INT8_DEFAULTS), "int8")
-
-
-def _int8_section(path: Path, section: dict) -> dict:
-    from .precision import int8_options
-
+def _options_section(path: Path, section: dict, name: str, parse) -> dict:
+    """[int8] / [int4] parsed at load, so that a bad value names the profile rather than surfacing at build."""
     try:
-        int8_options(section)
+        parse(section)
     except VlexportError as e:
-        raise VlexportError(f"target profile '{path}' [int8]: {e}") from None
-    return dict(section)
-
-
-def _int4_defaults() -> dict:
-    from .precision.int4 import INT4_DEFAULTS
-
-    return INT4_DEFAULTS
-
-
-def _int4_section(path: Path, section: dict) -> dict:
-    from .precision.int4 import int4_options
-
-    try:
-        int4_options(section)
-    except VlexportError as e:
-        raise VlexportError(f"target profile '{path}' [int4]: {e}") from None
+        raise VlexportError(f"target profile '{path}' [{name}]: {e}") from None
     return dict(section)
 
 

@@ -1,14 +1,19 @@
 """Adapter banks: `--adapter NAME=PATH` makes task NAME; unnamed adapters apply to every task.
 
-LoRA and BitFit without a name merge into the one base graph. Adapters fed at run time (prefix tuning today)
-become a task's pack: `packs/<task>.safetensors`, selected per request, so switching tasks never touches the base.
-An unnamed run-time adapter becomes the task 'default', which the runtime uses when no task is asked for.
+LoRA and BitFit without a name merge into the one base graph. Adapters fed at run time become a task's pack:
+`packs/<task>.safetensors`, selected per request, so switching tasks never touches the base. They are prefix
+tuning, bottleneck adapters (slots.py) and, with --lora-mode swappable (the default), a named task's LoRA
+(lora_slots.py). A LoRA no slot can serve (LoraAdapter.slot_reason) and a named BitFit or PEFT method are merged into
+copies of the parts they change, for that task alone. An unnamed run-time adapter becomes the task 'default', which
+the runtime uses when no task is asked for.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import numpy as np
 
 from .adapters import MERGEABLE, load_adapter
 from .errors import VlexportError
@@ -32,16 +37,29 @@ def parse_adapter_specs(specs: list[str | Path]) -> list[tuple[str | None, Path]
     return out
 
 
-def load_bank(specs: list[str | Path], adapter_kind: str | None = None, lora_alpha: float | None = None) -> tuple[list, dict]:
+LORA_MODES = ("swappable", "merged")
+
+
+def load_bank(specs: list[str | Path], adapter_kind: str | None = None, lora_alpha: float | None = None,
+              lora_mode: str = "swappable", log=None) -> tuple[list, dict]:
     """(adapters merged into the base, {task: [run-time adapters]}). lora_alpha: for single-file LoRAs that do not
-    record their alpha (--lora-alpha)."""
+    record their alpha (--lora-alpha). lora_mode: a named task's LoRA is fed through slots (swappable) or merged
+    into copies of its parts (merged)."""
+    if lora_mode not in LORA_MODES:
+        raise VlexportError(f"--lora-mode {lora_mode!r}: use swappable (one base graph, LoRA fed per request) or "
+                            "merged (a copy of the changed parts per task)")
     merged, tasks = [], {}
     for name, path in parse_adapter_specs(specs):
         adapter = load_adapter(path, adapter_kind, lora_alpha=lora_alpha)
         if adapter.kind in MERGEABLE and name is None:
             merged.append(adapter)
-        else:
-            tasks.setdefault(name or DEFAULT_TASK, []).append(adapter)
+            continue
+        if adapter.kind == "lora" and lora_mode == "swappable":
+            reason = adapter.slot_reason()
+            adapter.swappable = reason is None
+            if reason and log:
+                log(f"task {name}: LoRA '{path}' is merged into copies of its parts ({reason})")
+        tasks.setdefault(name or DEFAULT_TASK, []).append(adapter)
     for name, adapters in tasks.items():
         prefixes = [a for a in adapters if a.kind == "prefix"]
         if len(prefixes) > 1:
@@ -64,8 +82,72 @@ def slot_geometry(tasks: dict, facts, vision_layers: int, vision_dim: int) -> di
                 "inputs": input_names(p)} for p in sorted(parts)}
 
 
+def merged_here(adapter) -> bool:
+    """Whether the adapter is merged (into the base, or into its task's copies of the parts), not fed at run time."""
+    return adapter.kind in MERGEABLE and not getattr(adapter, "swappable", False)
+
+
+def lora_geometry(tasks: dict, model, layers: dict) -> dict:
+    """lora_slots geometry {part: {group: {layers, in, out, scale}}}: every group some task's swappable LoRA feeds.
+    layers: {part: layer count} of the part's stacked groups (the CLIP layers the vision part runs)."""
+    geometry: dict = {}
+    for adapters in tasks.values():
+        for a in adapters:
+            if not getattr(a, "swappable", False):
+                continue
+            for part, groups in a.slot_groups(model).items():
+                for group, spec in groups.items():
+                    have = geometry.setdefault(part, {}).setdefault(
+                        group, {**spec, "layers": layers[part] if group.startswith("layers.") else 1})
+                    have["scale"] = have["scale"] or spec["scale"]
+    return {part: dict(sorted(groups.items())) for part, groups in sorted(geometry.items())}
+
+
+def lora_packs(tasks: dict, model, geometry: dict) -> dict:
+    """{task: LoRA slot tensors} for the tasks with a swappable LoRA (several LoRAs on one task add up: their
+    ranks concatenate, which is their sum exactly; DoRA's scale does not compose, so one DoRA LoRA per task)."""
+    from .lora_slots import rank_axis
+
+    packs = {}
+    for name, adapters in tasks.items():
+        loras = [a for a in adapters if getattr(a, "swappable", False)]
+        if not loras:
+            continue
+        if len(loras) > 1 and any(a.describe()["dora"] for a in loras):
+            raise VlexportError(f"task '{name}' has {len(loras)} LoRAs and one of them is a DoRA: DoRA's magnitude "
+                                "does not compose with another LoRA on the same task; give each its own task")
+        tensors: dict = {}
+        for a in loras:
+            for key, value in a.slot_tensors(model, geometry).items():
+                if key in tensors and not key.endswith(".scale"):
+                    value = np.concatenate([tensors[key], value], axis=rank_axis(key))
+                tensors[key] = value
+        packs[name] = tensors
+    return packs
+
+
+def rescale_lora_packs(packs: dict, scales: dict) -> None:
+    """In place: for {module name: (input scale or None, output scale or None)} of linears whose input became
+    x / s_in and output y / s_out, each task's LoRA there becomes a * s_in (per input channel) and b / s_out."""
+    from .lora_slots import locate
+
+    for tensors in packs.values():
+        for module, (s_in, s_out) in scales.items():
+            where = locate(module)
+            if where is None:
+                continue
+            part, group, layer = where
+            a, b = tensors.get(f"{part}_lora.{group}.a"), tensors.get(f"{part}_lora.{group}.b")
+            if a is None or layer >= a.shape[0]:
+                continue
+            if s_in is not None:
+                a[layer] *= np.asarray(s_in, np.float32)[None, :, None]
+            if s_out is not None:
+                b[layer] /= np.asarray(s_out, np.float32)[None, None, :]
+
+
 def task_tensors(adapters: list, facts, slots: dict) -> dict:
-    """Everything a task feeds at run time: prefix keys/values and bottleneck slot weights."""
+    """Everything a task feeds at run time but its LoRA (lora_packs): prefix keys/values, bottleneck slot weights."""
     tensors = {}
     for a in adapters:
         if a.kind == "prefix":
@@ -82,24 +164,27 @@ def _part_bytes(bundle_dir: Path, onnx_file: str) -> int:
 
 
 def merged_parts(adapters: list) -> list[str]:
-    """The parts a task's own LoRA/BitFit changes (exported again, merged, for that task)."""
+    """The parts a task's own merged LoRA/BitFit changes (exported again, merged, for that task)."""
     parts = set()
     for a in adapters:
-        if a.kind in MERGEABLE:
+        if merged_here(a):
             parts.update(a.describe()["parts"])
     return sorted(parts)
 
 
-def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict, task_parts: dict) -> dict:
-    """Write each task's pack; return the manifest's 'tasks' entry (with the task's own merged parts, if any)."""
+def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict, task_parts: dict, lora: dict | None = None
+                ) -> dict:
+    """Write each task's pack; return the manifest's 'tasks' entry (with the task's own merged parts, if any).
+    lora: lora_packs' tensors per task."""
     from safetensors.numpy import save_file
 
     out = {}
     (bundle_dir / "packs").mkdir(exist_ok=True)
     for name, adapters in tasks.items():
-        tensors = task_tensors(adapters, facts, slots)
+        tensors = {**task_tensors(adapters, facts, slots), **(lora or {}).get(name, {})}
         rel = f"packs/{name}.safetensors"
         save_file(tensors, str(bundle_dir / rel))
+        (bundle_dir / rel).chmod(0o644)  # safetensors writes 0600: a server run by another user must read it
         prefix = next((a for a in adapters if a.kind == "prefix"), None)
         out[name] = {
             "pack": rel,
@@ -109,6 +194,7 @@ def write_packs(bundle_dir: Path, tasks: dict, facts, slots: dict, task_parts: d
             "prefix_tokens": prefix.num_tokens if prefix else 0,
             "position_offset": prefix.position_offset if prefix else 0,
             "bottleneck_parts": sorted(a.part for a in adapters if a.kind == "bottleneck"),
+            "lora_parts": sorted({k.split("_lora.", 1)[0] for k in (lora or {}).get(name, {})}),
             "bytes": sum(t.nbytes for t in tensors.values()),
         }
     return out

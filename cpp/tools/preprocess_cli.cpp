@@ -4,6 +4,12 @@
 //   preprocess_cli resize [SPEC OPTIONS] IN.ppm OUT.u8        the resize step only: uint8 HWC RGB; prints "H W"
 //   preprocess_cli spec [SPEC OPTIONS]                        prints the resulting spec, one "key value" a line
 //   preprocess_cli expand IN.txt OUT.txt IMAGE_TOKEN N         expand_image_tokens on the file's bytes
+//   preprocess_cli anyres --config PROCESSOR.json [--model-config CONFIG.json] IN.ppm OUT.f32
+//       LLaVA-NeXT / OneVision views, float32 [N, 3, H, W]; prints "N H W", then "tokens T" with --model-config
+//   preprocess_cli tokens --model-config CONFIG.json H W [H W ...]
+//       per image size: "tiles rows cols tokens" (views, packed grid, image placeholders), one line each
+//   preprocess_cli plan --model-config CONFIG.json H W OUT.bin
+//       anyres_pack_plan: T * 4 int64 indices then T * 4 float32 weights (little-endian); prints T
 //
 // SPEC OPTIONS (applied in order, on top of the CLIP-224 defaults):
 //   --config processor_config.json | --manifest manifest.json
@@ -140,8 +146,81 @@ void put_le32(std::vector<uint8_t>& out, uint32_t v) {
     for (int b = 0; b < 4; ++b) out.push_back(static_cast<uint8_t>(v >> (8 * b)));
 }
 
+void write_f32(const std::string& path, const std::vector<float>& values) {
+    std::vector<uint8_t> bytes;
+    bytes.reserve(values.size() * 4);
+    for (float f : values) {
+        uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        put_le32(bytes, bits);
+    }
+    write_file(path, bytes.data(), bytes.size());
+}
+
+int run_anyres(const std::string& cmd, int argc, char** argv) {
+    std::string config, model_config;
+    std::vector<std::string> rest;
+    for (int i = 2; i < argc; ++i) {
+        const std::string a = argv[i];
+        if ((a == "--config" || a == "--model-config") && i + 1 < argc) {
+            (a == "--config" ? config : model_config) = argv[++i];
+        } else if (a.size() > 2 && a.compare(0, 2, "--") == 0) {
+            throw PreprocessError("unknown option " + a + " (or it needs a value)");
+        } else {
+            rest.push_back(a);
+        }
+    }
+    if (cmd == "plan") {
+        if (model_config.empty() || rest.size() != 3)
+            throw PreprocessError("usage: preprocess_cli plan --model-config CONFIG.json H W OUT.bin");
+        const vlexport::AnyResGeometry g = vlexport::anyres_geometry_from_config(read_file(model_config));
+        std::vector<int64_t> index;
+        std::vector<float> weight;
+        vlexport::anyres_pack_plan(to_int(rest[0].c_str()), to_int(rest[1].c_str()), g, 0, false, &index, &weight);
+        std::vector<uint8_t> bytes;  // index as little-endian int64, then weight as float32
+        for (int64_t v : index) {
+            put_le32(bytes, static_cast<uint32_t>(static_cast<uint64_t>(v)));
+            put_le32(bytes, static_cast<uint32_t>(static_cast<uint64_t>(v) >> 32));
+        }
+        for (float f : weight) {
+            uint32_t bits;
+            std::memcpy(&bits, &f, 4);
+            put_le32(bytes, bits);
+        }
+        write_file(rest[2], bytes.data(), bytes.size());
+        std::printf("%zu\n", index.size() / 4);
+        return 0;
+    }
+    if (cmd == "tokens") {
+        if (model_config.empty() || rest.empty() || rest.size() % 2 != 0)
+            throw PreprocessError("usage: preprocess_cli tokens --model-config CONFIG.json H W [H W ...]");
+        const vlexport::AnyResGeometry g = vlexport::anyres_geometry_from_config(read_file(model_config));
+        for (size_t i = 0; i < rest.size(); i += 2) {
+            const int h = to_int(rest[i].c_str()), w = to_int(rest[i + 1].c_str());
+            const vlexport::Resolution grid = vlexport::anyres_packed_grid(h, w, g);
+            std::printf("%d %d %d %d\n", vlexport::anyres_num_tiles(h, w, g), grid.first, grid.second,
+                        vlexport::anyres_num_image_tokens(h, w, g));
+        }
+        return 0;
+    }
+    if (config.empty() || rest.size() != 2)
+        throw PreprocessError("usage: preprocess_cli anyres --config PROCESSOR.json [--model-config CONFIG.json] IN.ppm OUT.f32");
+    const vlexport::AnyResSpec spec = vlexport::anyres_spec_from_processor_config(read_file(config));
+    int w = 0, h = 0;
+    const std::vector<uint8_t> rgb = read_ppm(rest[0], &w, &h);
+    int n = 0, th = 0, tw = 0;
+    write_f32(rest[1], vlexport::preprocess_anyres(rgb.data(), w, h, spec, &n, &th, &tw));
+    std::printf("%d %d %d\n", n, th, tw);
+    if (!model_config.empty()) {
+        const vlexport::AnyResGeometry g = vlexport::anyres_geometry_from_config(read_file(model_config));
+        std::printf("tokens %d\n", vlexport::anyres_num_image_tokens(h, w, g));
+    }
+    return 0;
+}
+
 int run(int argc, char** argv) {
-    if (argc < 2) throw PreprocessError("usage: preprocess_cli preprocess|resize|spec|expand ... (see the source)");
+    if (argc < 2)
+        throw PreprocessError("usage: preprocess_cli preprocess|resize|spec|expand|anyres|tokens|plan ... (see the source)");
     const std::string cmd = argv[1];
     if (cmd == "expand") {
         if (argc != 6) throw PreprocessError("usage: preprocess_cli expand IN.txt OUT.txt IMAGE_TOKEN N");
@@ -149,6 +228,7 @@ int run(int argc, char** argv) {
         write_file(argv[3], out.data(), out.size());
         return 0;
     }
+    if (cmd == "anyres" || cmd == "tokens" || cmd == "plan") return run_anyres(cmd, argc, argv);
     ImageSpec spec;
     const std::vector<std::string> rest = parse_spec(argc, argv, 2, &spec);
     if (cmd == "spec") {

@@ -74,22 +74,22 @@ class BottleneckAdapter:
                     f"{self.part} tower is {dim} wide; it was trained for another model: check --base"
                 )
         width = max((w[0].shape[0] for w in used.values()), default=0)
-        out = {
-            "down_weight": np.zeros((layers, 2, width, dim), np.float32),
-            "down_bias": np.zeros((layers, 2, width), np.float32),
-            "up_weight": np.zeros((layers, 2, dim, width), np.float32),
-            "up_bias": np.zeros((layers, 2, dim), np.float32),
-            "mix": np.zeros((layers, 2, 3), np.float32),
-            "activation": np.zeros((layers, 2, len(ACTIVATIONS)), np.float32),
+        out = {  # one row (slots.ROW_AXIS), broadcast over the batch; mixed batches stack rows at run time
+            "down_weight": np.zeros((layers, 2, 1, width, dim), np.float32),
+            "down_bias": np.zeros((layers, 2, 1, width), np.float32),
+            "up_weight": np.zeros((layers, 2, 1, dim, width), np.float32),
+            "up_bias": np.zeros((layers, 2, 1, dim), np.float32),
+            "mix": np.zeros((layers, 2, 1, 3), np.float32),
+            "activation": np.zeros((layers, 2, 1, len(ACTIVATIONS)), np.float32),
         }
         out["activation"][..., ACTIVATIONS.index(self.activation)] = 1.0
         for (layer, site), (down_w, down_b, up_w, up_b) in used.items():
             r = down_w.shape[0]  # narrower bottlenecks are zero-padded: the padding adds exactly 0
-            out["down_weight"][layer, site, :r] = down_w
-            out["down_bias"][layer, site, :r] = down_b
-            out["up_weight"][layer, site, :, :r] = up_w
-            out["up_bias"][layer, site] = up_b
-            out["mix"][layer, site] = self.mix
+            out["down_weight"][layer, site, 0, :r] = down_w
+            out["down_bias"][layer, site, 0, :r] = down_b
+            out["up_weight"][layer, site, 0, :, :r] = up_w
+            out["up_bias"][layer, site, 0] = up_b
+            out["mix"][layer, site, 0] = self.mix
         assert tuple(out) == FIELDS
         return {f"{self.part}_adapter.{k}": v for k, v in out.items()}
 

@@ -53,6 +53,12 @@ class LoraAdapter:
     extra_files: list = field(default_factory=list)  # e.g. the LLaVA repo's non_lora_trainables.bin
     kind: str = "lora"
     lora_alpha_given: float | None = None  # --lora-alpha, for a single file that does not record its alpha
+    swappable: bool = False  # a named task's LoRA fed through LoRA slots (tasks.load_bank), not merged
+
+    @property
+    def nbytes(self) -> int:
+        """A and B at fp32, as the LoRA slot pack holds them."""
+        return sum(4 * (m.A.numel() + m.B.numel()) for m in self.modules)
 
     @property
     def sha256(self) -> str:
@@ -78,7 +84,8 @@ class LoraAdapter:
             "rslora": bool(self.config.get("use_rslora")),
             "ranks": sorted({int(m.A.shape[0]) for m in self.modules}),
             "parts": parts,
-            "merged": True,
+            "merged": not self.swappable,
+            **({"slots": "lora"} if self.swappable else {}),
             **({"lora_alpha_given": self.lora_alpha_given} if self.lora_alpha_given is not None else {}),
         }
 
@@ -162,6 +169,76 @@ class LoraAdapter:
                         mod.bias.copy_((mod.bias.float() + delta).to(mod.bias.dtype))
                 if on_module is not None:
                     on_module(m.module)
+
+    # -- slots (swappable LoRA) -----------------------------------------------------------------------------------
+    def slot_reason(self) -> str | None:
+        """Why this LoRA cannot be fed through LoRA slots (lora_slots.py), so that its task gets merged copies of
+        the parts it changes instead; None when it can."""
+        from ..lora_slots import locate
+
+        if self.replacements or self.token_rows:
+            return "it replaces whole tensors (modules_to_save or trainable tokens)"
+        for m in self.modules:
+            if m.layer != "linear":
+                return f"module '{m.module}' is a LoRA on an {m.layer} layer"
+            if m.bias is not None:
+                return f"module '{m.module}' trains a LoRA bias (lora_bias=True)"
+            if locate(m.module) is None:
+                return f"module '{m.module}' is not a linear a LoRA slot serves"
+        return None
+
+    def slot_groups(self, model) -> dict:
+        """{part: {group: {"in", "out", "scale"}}} for the slot groups this LoRA feeds (scale: DoRA there)."""
+        from ..lora_slots import locate
+
+        modules = dict(model.named_modules())
+        out: dict = {}
+        for m in self.modules:
+            part, group, _layer = locate(m.module)
+            w = modules[m.module].weight
+            spec = out.setdefault(part, {}).setdefault(group, {"in": int(w.shape[1]), "out": int(w.shape[0]),
+                                                               "scale": False})
+            spec["scale"] = spec["scale"] or m.magnitude is not None
+        return out
+
+    def slot_tensors(self, model, geometry: dict) -> dict:
+        """This LoRA as LoRA slot inputs (lora_slots.py), one row: a = A^T, b = (scaling B)^T, each group's ranks
+        zero-padded to its largest; DoRA's per-output scale m / ||W + s B A|| from the weights it sits on (the
+        base graph's). Modules in layers the part does not run (CLIP layers past LLaVA's feature layer) change
+        nothing downstream and are left out."""
+        import numpy as np
+        import torch
+
+        from ..lora_slots import locate
+
+        modules = dict(model.named_modules())
+        placed: dict = {}
+        for m in self.modules:
+            part, group, layer = locate(m.module)
+            g = (geometry.get(part) or {}).get(group)
+            if g is not None and layer < g["layers"]:
+                placed.setdefault((part, group), []).append((layer, m))
+        out = {}
+        for (part, group), entries in placed.items():
+            g = geometry[part][group]
+            rank = max(int(m.A.shape[0]) for _, m in entries)
+            a = np.zeros((g["layers"], 1, g["in"], rank), np.float32)
+            b = np.zeros((g["layers"], 1, rank, g["out"]), np.float32)
+            scale = np.ones((g["layers"], 1, g["out"]), np.float32)
+            for layer, m in entries:
+                A, B = m.A.float(), m.B.float()
+                r = A.shape[0]
+                a[layer, 0, :, :r] = A.T.numpy()
+                b[layer, 0, :r] = (m.scaling * B).T.numpy()
+                if m.magnitude is not None:
+                    with torch.no_grad():
+                        W = modules[m.module].weight.detach().float()
+                        norm = (W + m.scaling * (B @ A)).norm(p=2, dim=1)
+                        scale[layer, 0] = (m.magnitude.float().view(-1) / norm).numpy()
+            out[f"{part}_lora.{group}.a"], out[f"{part}_lora.{group}.b"] = a, b
+            if g["scale"]:
+                out[f"{part}_lora.{group}.scale"] = scale
+        return out
 
     # -- PyTorch reference ----------------------------------------------------------------------------------------
     def write_peft_dir(self, out: Path) -> Path:

@@ -146,7 +146,8 @@ def attach_bottleneck_to_layers(layers, part: str, feed: dict, dtype=torch.float
     """attach_bottleneck on any list of CLIP encoder or Llama decoder layers; the hooks compute in `dtype`."""
     from ..slots import ACTIVATIONS
 
-    t = {k.split(".", 1)[1]: torch.from_numpy(v).to(dtype) for k, v in feed.items()}
+    # One row (slots.ROW_AXIS): the hooks apply the same adapter to every row.
+    t = {k.split(".", 1)[1]: torch.from_numpy(v).to(dtype)[:, :, 0] for k, v in feed.items()}
     handles = []
     for i in range(t["mix"].shape[0]):
         for site in range(2):

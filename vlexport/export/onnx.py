@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ParityError
 from ..model import LlavaFacts
-from ..slots import ACTIVATIONS, empty_feed
+from .. import lora_slots, slots
 from .parts import DecoderPart, EmbedPart, VisionPart, decoder_io_names, slot_input_names
 
 OPSET = 18  # TensorRT 10.3 imports opsets up to 20; 18 keeps attention and norms decomposed into plain ops.
@@ -32,24 +32,59 @@ class PartSpec:
     check_args: list[tuple]  # further input sets to compare ORT against torch on
 
 
-def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset()) -> list[PartSpec]:
-    """slot_parts ('vision', 'decoder') get bottleneck adapter slot inputs."""
+def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset(), lora: dict | None = None
+               ) -> list[PartSpec]:
+    """slot_parts ('vision', 'decoder') get bottleneck adapter slot inputs; `lora` (lora_slots geometry per part)
+    LoRA slot inputs after them."""
     import torch
     from torch.export import Dim
 
     g = torch.Generator().manual_seed(0)
 
-    def slot(layers, dim, width, mix=(1.0, 1.0, 1.0), act=0):
-        if width == 0:
-            return tuple(torch.from_numpy(t) for t in empty_feed("x", layers, dim).values())
-        activation = torch.zeros(layers, 2, len(ACTIVATIONS))
-        activation[..., act] = 1.0
-        return (0.1 * torch.randn(layers, 2, width, dim, generator=g), 0.1 * torch.randn(layers, 2, width, generator=g),
-                0.1 * torch.randn(layers, 2, dim, width, generator=g), 0.1 * torch.randn(layers, 2, dim, generator=g),
-                torch.tensor(mix).expand(layers, 2, 3).contiguous(), activation)
+    rng = np.random.default_rng(0)
 
-    def slot_dims(width):
-        return ({2: width}, {2: width}, {3: width}, {}, {}, {})
+    def adapter_args(part, layers, dim, rows, variant, bottleneck, lora_geometry):
+        """Slot tensors for one call, one row per batch row (the portable graphs' row axis is the batch: see
+        adapter_dims): bottleneck fields (if the part has them), then LoRA inputs. Variants: 0 = per-row widths
+        and ranks, 1 = no adapter, 2 = other mixes and activations."""
+        feeds = []
+        if bottleneck:
+            if variant == 0:
+                per_row = [slots.sample_feed(part, layers, dim, 3 + r % 2, rng, mix=(0.0, 1.0, 2.0), act=1)
+                           for r in range(rows)]
+            elif variant == 1:
+                per_row = [slots.empty_feed(part, layers, dim)] * rows
+            else:
+                per_row = [slots.sample_feed(part, layers, dim, 5, rng, mix=(1.0, 0.0, 4.0), act=2)] * rows
+            feeds.append(lora_slots.stack_rows(per_row, *lora_slots.slot_axes(per_row[0])))
+        if lora_geometry:
+            geometry = {part: lora_geometry}
+            if variant == 0:
+                per_row = [lora_slots.sample_feed(geometry, part, 4 + 2 * (r % 2), rng) for r in range(rows)]
+            elif variant == 1:
+                per_row = [lora_slots.empty_feed(geometry, part)] * rows
+            else:
+                per_row = [lora_slots.sample_feed(geometry, part, 3, rng)] * rows
+            feeds.append(lora_slots.stack_rows(per_row, *lora_slots.slot_axes(per_row[0])))
+        return tuple(torch.from_numpy(v) for f in feeds for v in f.values())
+
+    def adapter_dims(part, rows_dim, bottleneck, lora_geometry):
+        """dynamic_shapes of the slot inputs: the row axis is the part's batch dimension, widths and ranks dynamic.
+        torch.export ties a broadcast axis to the one it meets, and the shape arithmetic it emits for the batched
+        products then needs the two equal: a portable graph takes one row of slot inputs per batch row (the
+        runtime repeats a shared row), where the ORT-native decoder also broadcasts one row."""
+        dims = []
+        if bottleneck:
+            width = Dim(f"{part}_adapter_width", min=0)
+            dims += [{2: rows_dim, 3: width}, {2: rows_dim, 3: width}, {2: rows_dim, 4: width}, {2: rows_dim},
+                     {2: rows_dim}, {2: rows_dim}]
+        if lora_geometry:
+            rank = Dim(f"{part}_lora_rank", min=0)
+            for name in lora_slots.part_input_names({part: lora_geometry}, part):
+                axis = lora_slots.rank_axis(name)
+                dims.append({1: rows_dim, axis: rank} if axis is not None else {1: rows_dim})
+        return dims
+
     S, H, T = facts.image_size, facts.hidden_size, facts.num_image_tokens
     L, kv, hd = facts.num_layers, facts.num_kv_heads, facts.head_dim
 
@@ -79,32 +114,41 @@ def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset()) ->
     n_feat = Dim("num_image_features", min=0)
     total = Dim("total_sequence")
     past = Dim("past_sequence", min=0)
-    dec_in, dec_out = decoder_io_names(L, "decoder" in slot_parts)
-    vision = VisionPart(model, "vision" in slot_parts)
+    dec_in, dec_out = decoder_io_names(L, "decoder" in slot_parts, (lora or {}).get("decoder"))
+    vision = VisionPart(model, "vision" in slot_parts, (lora or {}).get("vision"))
     vision_specs = PartSpec(
         "vision", vision, ["pixel_values"], ["image_features"],
         (pixels(2),), ({0: num_images},), [(pixels(1),), (pixels(3),)],
     )
     decoder_specs = PartSpec(
-        "decoder", DecoderPart(model, "decoder" in slot_parts), dec_in, dec_out,
+        "decoder", DecoderPart(model, "decoder" in slot_parts, (lora or {}).get("decoder")), dec_in, dec_out,
         dec_args(2, 5, 3), ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(2 * L))),
         [dec_args(1, 9, 0), dec_args(1, 1, 12), dec_args(2, 6, 0, pad=2), dec_args(3, 1, 7, pad=1)],
     )
-    # Each slotted part: export with width 4; check SeqBn/Houlsby/ParBn mixes, other activations, width 0.
-    for spec, layers, dim in ((vision_specs, len(vision.layers), model.config.vision_config.hidden_size),
-                              (decoder_specs, L, H)):
-        if spec.name not in slot_parts:
+    # Each part with adapter slots: exported with one row per batch row; checked with per-row, empty and broadcast
+    # slots (SeqBn/Houlsby/ParBn mixes, other activations, width 0, rank 0).
+    lora = lora or {}
+    for spec, layers, dim, rows_dim in ((vision_specs, len(vision.layers), model.config.vision_config.hidden_size,
+                                         num_images), (decoder_specs, L, H, batch)):
+        bottleneck, geometry = spec.name in slot_parts, lora.get(spec.name)
+        if not bottleneck and not geometry:
             continue
-        width = Dim(f"{spec.name}_adapter_width", min=0)
         if spec.name == "vision":  # decoder_io_names already lists the decoder's
-            spec.input_names = spec.input_names + slot_input_names(spec.name)
-        spec.export_args = (*spec.export_args, *slot(layers, dim, 4))
-        if spec.name == "vision":  # forward(pixel_values, *slot): the varargs are one nested entry
-            spec.dynamic_shapes = (*spec.dynamic_shapes, slot_dims(width))
-        else:  # the decoder's *inputs holds past key/values then the slot fields
-            spec.dynamic_shapes = (*spec.dynamic_shapes[:3], (*spec.dynamic_shapes[3], *slot_dims(width)))
-        variants = [slot(layers, dim, 3, (0.0, 1.0, 2.0), 1), slot(layers, dim, 0), slot(layers, dim, 5, (1.0, 0.0, 4.0), 2)]
-        spec.check_args = [(*args, *variants[i % len(variants)]) for i, args in enumerate(spec.check_args)]
+            spec.input_names = (spec.input_names + (slot_input_names(spec.name) if bottleneck else [])
+                                + lora_slots.part_input_names(lora, spec.name))
+
+        def rows_of(args):
+            return args[0].shape[0]
+
+        spec.export_args = (*spec.export_args,
+                            *adapter_args(spec.name, layers, dim, rows_of(spec.export_args), 0, bottleneck, geometry))
+        extra = adapter_dims(spec.name, rows_dim, bottleneck, geometry)
+        if spec.name == "vision":  # forward(pixel_values, *inputs): the varargs are one nested entry
+            spec.dynamic_shapes = (*spec.dynamic_shapes, tuple(extra))
+        else:  # the decoder's *inputs holds past key/values then the slot inputs
+            spec.dynamic_shapes = (*spec.dynamic_shapes[:3], (*spec.dynamic_shapes[3], *extra))
+        spec.check_args = [(*args, *adapter_args(spec.name, layers, dim, rows_of(args), i % 3, bottleneck, geometry))
+                           for i, args in enumerate(spec.check_args)]
     return [
         vision_specs,
         PartSpec(
@@ -160,8 +204,8 @@ def forget_matched_graphs() -> None:
     gc.collect()
 
 
-def add_slot_defaults(onnx_path: Path, part: str, layers: int, dim: int) -> None:
-    """Give the part's adapter slot inputs default values ("no adapter"), making them optional inputs.
+def add_slot_defaults(onnx_path: Path, empty: dict) -> None:
+    """Give the part's adapter slot inputs default values (`empty`: "no adapter"), making them optional inputs.
 
     An ONNX graph input that also has an initializer of the same name may be left out of a feed. Hosts that know
     nothing of adapters (onnxruntime-genai without an adapter loaded, a plain C++ app) then run the base model."""
@@ -169,7 +213,7 @@ def add_slot_defaults(onnx_path: Path, part: str, layers: int, dim: int) -> None
     from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    for name, value in empty_feed(part, layers, dim).items():
+    for name, value in empty.items():
         model.graph.initializer.append(numpy_helper.from_array(value, name))
     onnx.save(model, str(onnx_path))
 

@@ -11,6 +11,10 @@ Same I/O names as the portable graph. Semantics are GroupQueryAttention's: rows 
 len_b = sum(attention_mask[b]) tokens at buffer positions 0..len_b-1, its S new tokens are the last S of them, and
 logits are those of each row's last new position. With an ordinary past [B,kv,P,hd] the graph returns present =
 past + new, [B,kv,max(P,T),hd]; with past and present bound to one OrtValue (backends/ort_kv.py) nothing is copied.
+
+Adapter slots, in the portable graph's input order after the cache: bottleneck slots (slots.py) at the residual adds,
+then LoRA slots (lora_slots.py) on the linears the geometry names, two more MatMuls beside the base product. Each
+stacked input is split once per run; its row axis (1, or one adapter per batch row) broadcasts in the products.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import lora_slots, slots as bottleneck
 from ..errors import ParityError
-from ..slots import ACTIVATIONS, FIELDS, empty_feed
+from ..slots import ACTIVATIONS, FIELDS
 from ..slots import input_names as slot_input_names
 
 FORM = "ort-native"
@@ -77,8 +82,9 @@ def _linear_weights(linear) -> tuple[np.ndarray, np.ndarray | None]:
     return linear.weight.detach().float().numpy().T, bias
 
 
-def build_native_decoder(model, slots: bool = False):
-    """The decoder (+ lm_head, last position only) as an onnx_ir Model in the native form."""
+def build_native_decoder(model, slots: bool = False, lora: dict | None = None):
+    """The decoder (+ lm_head, last position only) as an onnx_ir Model in the native form. slots: bottleneck slot
+    inputs (slots.py); lora: the decoder's LoRA slot geometry (lora_slots.py), whose inputs follow them."""
     import onnx_ir as ir
     import torch
 
@@ -118,14 +124,25 @@ def build_native_decoder(model, slots: bool = False):
     sin_cache = b.weight("rotary.sin_cache", sin[0, :, : hd // 2].float().numpy())
 
     site = _slot_sites(b, L, H, inputs) if slots else None
+    lora_site = _lora_sites(b, model, lora, inputs) if lora else None
 
     def linear(x, module, name):
-        """x @ W (+ bias), one product per torch module: precision/ quantizes and keeps products by module name."""
+        """x @ W (+ bias), one product per torch module: precision/ quantizes and keeps products by module name.
+        With a LoRA slot on the module: (x @ W + (x @ a) @ b) * scale + bias, as parts.LoraSlotLinear."""
         w, bias = _linear_weights(module)
         # The torch exporter's name-scope record, which precision.int8.weight_matmuls reads the module name from.
         scopes = {"pkg.torch.onnx.name_scopes": repr(["", name, "matmul"])}
         y = b.tape.op("MatMul", [x, b.weight(f"{name}.weight", w)], name=f"{name}/MatMul", metadata_props=scopes)
         y.type = ir.TensorType(f32)
+        fed = lora_site(name) if lora_site else None
+        if fed is not None:
+            # Neither product has an initializer as B, so precision/ (int8.weight_matmuls, the MatMulNBits
+            # quantizer) sees only the base product: the adapter stays float over a quantized base (QLoRA).
+            a_i, b_i, scale_i = fed
+            delta = b.op("MatMul", [b.op("MatMul", [x, a_i], name=f"{name}/lora_a"), b_i], name=f"{name}/lora_b")
+            y = b.op("Add", [y, delta], name=f"{name}/lora_add")
+            if scale_i is not None:
+                y = b.op("Mul", [y, scale_i], name=f"{name}/lora_scale")
         return b.op("Add", [y, b.weight(f"{name}.bias", bias)], name=f"{name}/Add") if bias is not None else y
 
     def norm_weight(module, name):
@@ -199,41 +216,43 @@ def build_native_decoder(model, slots: bool = False):
 
 
 def _slot_sites(b: _Builder, L: int, H: int, inputs: list):
-    """Declare the decoder's slot inputs, split them once into per-(layer, site) pieces, and return
-    site(x, h, layer, site) = x + h + s * up(act(down(a*x + b*h))), as export/parts.py's bottleneck_slot."""
+    """Declare the decoder's bottleneck slot inputs, split them once into per-(layer, site) pieces, and return
+    site(x, h, layer, site) = x + h + s * up(act(down(a*x + b*h))), as export/parts.py's bottleneck_slot.
+
+    Each field [L, 2, N, ...] is transposed to [N, ..., L, 2, k] and split on its last axis into the 2L sites'
+    pieces [N, m, k], which broadcast against x [B, S, H] (N = 1 or B) with no Squeeze: the weights come out as
+    [N, H, r] / [N, r, H] for MatMul, the biases as [N, 1, r] / [N, 1, H], each mix and activation weight [N, 1, 1]."""
     import onnx_ir as ir
 
     names = dict(zip(FIELDS, slot_input_names("decoder")))
-    shapes = {"down_weight": [L, 2, "decoder_adapter_width", H], "down_bias": [L, 2, "decoder_adapter_width"],
-              "up_weight": [L, 2, H, "decoder_adapter_width"], "up_bias": [L, 2, H], "mix": [L, 2, 3],
-              "activation": [L, 2, len(ACTIVATIONS)]}
+    W, N = "decoder_adapter_width", "decoder_adapter_rows"
+    shapes = {"down_weight": [L, 2, N, W, H], "down_bias": [L, 2, N, W], "up_weight": [L, 2, N, H, W],
+              "up_bias": [L, 2, N, H], "mix": [L, 2, N, 3], "activation": [L, 2, N, len(ACTIVATIONS)]}
     fed = {}
     for field in FIELDS:
         fed[field] = ir.Value(name=names[field], type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shapes[field]))
         inputs.append(fed[field])
     n = 2 * L
 
-    def split(x, shape, perm=None):
-        x = b.op("Reshape", [x, b.const(f"slot_shape_{len(b.tape.nodes)}", np.array(shape, np.int64))])
-        if perm:
-            x = b.op("Transpose", [x], perm=perm)
-        return b.ops("Split", [x], n, axis=0, num_outputs=n)
+    def pieces(field, perm, shape, count):
+        x = b.op("Transpose", [fed[field]], name=f"decoder_adapter.{field}/Transpose", perm=perm)
+        # Reshape's 0 keeps N; the width may be 0, which -1 resolves to (the other dimensions are not 0).
+        x = b.op("Reshape", [x, b.const(f"decoder_adapter.{field}.shape", np.array(shape, np.int64))])
+        return b.ops("Split", [x], count, name=f"decoder_adapter.{field}/Split", axis=2, num_outputs=count)
 
-    down_w = split(fed["down_weight"], [n, -1, H], [0, 2, 1])  # each [1, H, r]: z @ down_w
-    down_b = split(fed["down_bias"], [n, 1, -1])  # each [1, 1, r]
-    up_w = split(fed["up_weight"], [n, H, -1], [0, 2, 1])  # each [1, r, H]
-    up_b = split(fed["up_bias"], [n, 1, H])
-    mix = split(fed["mix"], [n, 3])  # each [1, 3]
-    act = split(fed["activation"], [n, len(ACTIVATIONS)])
-    mix = [b.ops("Split", [m], 3, axis=1, num_outputs=3) for m in mix]  # (a, b, s), each [1, 1]
-    act = [b.ops("Split", [a], len(ACTIVATIONS), axis=1, num_outputs=len(ACTIVATIONS)) for a in act]
+    down_w = pieces("down_weight", [2, 4, 0, 1, 3], [0, H, -1], n)  # [N, H, r]: z @ down_w
+    down_b = pieces("down_bias", [2, 0, 1, 3], [0, 1, -1], n)  # [N, 1, r]
+    up_w = pieces("up_weight", [2, 4, 0, 1, 3], [0, -1, n * H], n)  # [N, r, H]
+    up_b = pieces("up_bias", [2, 0, 1, 3], [0, 1, -1], n)  # [N, 1, H]
+    mix = pieces("mix", [2, 0, 1, 3], [0, 1, -1], 3 * n)  # (a, b, s) of site j at 3j..3j+2, each [N, 1, 1]
+    act = pieces("activation", [2, 0, 1, 3], [0, 1, -1], len(ACTIVATIONS) * n)
 
     def site(x, h, layer, s):
         j = 2 * layer + s
-        a_, b_, scale = mix[j]
+        a_, b_, scale = mix[3 * j : 3 * j + 3]
         z = b.op("Add", [b.op("Mul", [x, a_]), b.op("Mul", [h, b_])])
         u = b.op("Add", [b.op("MatMul", [z, down_w[j]]), down_b[j]])
-        relu, silu, gelu, tanh = act[j]
+        relu, silu, gelu, tanh = act[len(ACTIVATIONS) * j : len(ACTIVATIONS) * (j + 1)]
         y = b.op("Add", [b.op("Add", [b.op("Mul", [b.op("Relu", [u]), relu]),
                                       b.op("Mul", [b.op("Mul", [u, b.op("Sigmoid", [u])]), silu])]),
                          b.op("Add", [b.op("Mul", [b.op("Gelu", [u], domain=MS), gelu]),
@@ -244,56 +263,129 @@ def _slot_sites(b: _Builder, L: int, H: int, inputs: list):
     return site
 
 
-def write_native_decoder(model, path: Path, slots: bool = False) -> Path:
-    """Write the native decoder to path (+ path.data), replacing what is there (the portable graph)."""
+# The linears the native graph builds, as lora_slots groups (a decoder LoRA slot can sit on any of them).
+NATIVE_LORA_GROUPS = (*(f"layers.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                      *(f"layers.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")), "lm_head")
+
+
+def _lora_sites(b: _Builder, model, geometry: dict, inputs: list):
+    """Declare the decoder's LoRA slot inputs (lora_slots.py) in graph order, split each once into its layers'
+    pieces, and return fed(name) = (a [N, in, r], b [N, r, out], scale [N, 1, out] or None) for the linear of that
+    module name, or None where no slot sits on it.
+
+    a, b: Split on axis 0 into the group's L layers, then Squeezed (an alias); scale is Unsqueezed to [L, N, 1, out]
+    first, so that it broadcasts over the sequence."""
+    import onnx_ir as ir
+
+    lm = model.model.language_model
+    unknown = sorted(set(geometry) - set(NATIVE_LORA_GROUPS))
+    if unknown:
+        raise ValueError(f"LoRA slot group(s) {', '.join(unknown)} are not linears of the native decoder "
+                         f"({', '.join(NATIVE_LORA_GROUPS)})")
+    R, N = "decoder_lora_rank", "decoder_lora_rows"
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    declared = {}
+    for name in lora_slots.part_input_names({"decoder": geometry}, "decoder"):
+        group, field = name[len("decoder_lora.") :].rsplit(".", 1)
+        g = geometry[group]
+        module = model.lm_head if group == "lm_head" else lm.layers[0].get_submodule(group[len("layers.") :])
+        if (g["in"], g["out"]) != (module.in_features, module.out_features):
+            raise ValueError(f"LoRA slot group {group}: geometry says in {g['in']}, out {g['out']} but the "
+                             f"model's linear is {module.in_features} -> {module.out_features}")
+        shape = {"a": [g["layers"], N, g["in"], R], "b": [g["layers"], N, R, g["out"]],
+                 "scale": [g["layers"], N, g["out"]]}[field]
+        declared[name] = ir.Value(name=name, type=f32, shape=ir.Shape(shape))
+        inputs.append(declared[name])
+    axis0 = b.const("decoder_lora.axis0", np.array([0], np.int64))
+    axis2 = b.const("decoder_lora.axis2", np.array([2], np.int64))
+
+    def layers_of(name, layers):
+        x = declared[name]
+        if name.endswith(".scale"):
+            x = b.op("Unsqueeze", [x, axis2], name=f"{name}/Unsqueeze")
+        parts = [x] if layers == 1 else b.ops("Split", [x], layers, name=f"{name}/Split", axis=0, num_outputs=layers)
+        return [b.op("Squeeze", [piece, axis0], name=f"{name}/Squeeze_{i}") for i, piece in enumerate(parts)]
+
+    split = {}
+    for group, g in geometry.items():
+        fields = [layers_of(f"decoder_lora.{group}.{f}", g["layers"]) for f in ("a", "b")]
+        fields.append(layers_of(f"decoder_lora.{group}.scale", g["layers"]) if g["scale"] else [None] * g["layers"])
+        split[group] = list(zip(*fields))
+
+    def fed(module_name: str):
+        where = lora_slots.locate(module_name if module_name == "lm_head" else f"model.{module_name}")
+        if where is None or where[1] not in split or where[2] >= len(split[where[1]]):
+            return None  # as parts.with_lora_slots: a slot only on layers its group stacks
+        return split[where[1]][where[2]]
+
+    return fed
+
+
+def write_native_decoder(model, path: Path, slots: bool = False, lora: dict | None = None) -> Path:
+    """Write the native decoder to path (+ path.data), replacing what is there (the portable graph). slots/lora as
+    build_native_decoder; the slot inputs get no defaults here (export/onnx.add_slot_defaults gives them)."""
     import onnx_ir as ir
 
     from ..files import remove_part
 
-    built = build_native_decoder(model, slots)
+    built = build_native_decoder(model, slots, lora)
     remove_part(path)
     ir.save(built, str(path), external_data=path.name + ".data")
     return path
 
 
-def check_cases(num_layers: int, hidden: int, slots: bool, seed: int = 0) -> list[dict]:
+# Per check case (in check_cases' order): the bottleneck rows (width, mix, activation), one entry = one row shared
+# by the batch (N = 1), several = one per row (N = B, widths zero-padded to the largest), and the LoRA ranks alike.
+_BOTTLENECK_ROWS = ([(3, (0.0, 1.0, 2.0), 1)], [(0, None, None)], [(5, (1.0, 0.0, 4.0), 2)], [(4, (1.0, 1.0, 1.0), 3)],
+                    [(3, (1.0, 1.0, 1.0), 0), (0, None, None), (5, (0.0, 1.0, 3.0), 2)], [(4, (1.0, 1.0, 2.0), 1)])
+_LORA_ROWS = ([8], [0], [4], [8], [8, 0, 3], [8])
+
+
+def check_cases(num_layers: int, hidden: int, slots: bool, lora: dict | None = None, seed: int = 0) -> list[dict]:
     """Inputs for the export check, in the native convention. Each case: batch, new tokens S, past length P (the
-    past array's width), each row's valid past length, the first new position of each row, and slot tensors.
+    past array's width), each row's valid past length, the first new position of each row, and `adapters`: the slot
+    feed (bottleneck inputs, then the LoRA inputs of geometry `lora`), in graph input order.
 
     Prefill of one row (with and without a prefix, both position conventions), batch-1 decode, a multi-row decode
     whose rows hold different lengths (right-padded past), and a 2-row prompt; GroupQueryAttention takes S > 1 with a
-    past for batch 1 only, which is how backends/ort_kv.py prefills."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
+    past for batch 1 only, which is how backends/ort_kv.py prefills. The slots run empty (width/rank 0), one adapter
+    for the batch (N = 1, also over 2 rows), and on the 3-row decode one per row, of different widths and ranks
+    (one row with none), with DoRA scales wherever the geometry has them."""
+    rng = np.random.default_rng(seed)
     cases = [dict(batch=1, new=9, past=0, past_lens=[0], first=[0]),
              dict(batch=1, new=5, past=4, past_lens=[4], first=[0]),  # AdapterHub prefix: real tokens from 0
              dict(batch=1, new=5, past=4, past_lens=[4], first=[4]),  # PEFT prefix: real tokens from P
              dict(batch=1, new=1, past=12, past_lens=[12], first=[12]),
              dict(batch=3, new=1, past=7, past_lens=[7, 5, 3], first=[7, 5, 3]),
              dict(batch=2, new=6, past=0, past_lens=[0, 0], first=[0, 0])]
-    variants = [(3, (0.0, 1.0, 2.0), 1), (0, None, None), (5, (1.0, 0.0, 4.0), 2), (4, (1.0, 1.0, 1.0), 3)]
-    for i, case in enumerate(cases):
-        case["slot"] = _slot_tensors(num_layers, hidden, *variants[i % len(variants)], g) if slots else ()
+    geometry = {"decoder": lora} if lora else None
+    for case, bottleneck_rows, lora_rows in zip(cases, _BOTTLENECK_ROWS, _LORA_ROWS):
+        feed = {}
+        if slots:
+            rows = [bottleneck.sample_feed("decoder", num_layers, hidden, width, rng, mix=mix or (1.0, 1.0, 1.0),
+                                           act=act or 0) for width, mix, act in bottleneck_rows]
+            feed.update(_stack(rows, bottleneck.width_axis, bottleneck.ROW_AXIS))
+        if geometry:
+            rows = [lora_slots.sample_feed(geometry, "decoder", rank, rng) if rank else
+                    lora_slots.empty_feed(geometry, "decoder") for rank in lora_rows]
+            stacked = _stack(rows, lora_slots.rank_axis, 1)
+            feed.update({name: stacked[name] for name in lora_slots.part_input_names(geometry, "decoder")})
+        case["adapters"] = feed
+        case["note"] = ", ".join(
+            ([f"bottleneck widths {[w for w, _, _ in bottleneck_rows]}"] if slots else [])
+            + ([f"LoRA ranks {lora_rows}"] if geometry else []))
     return cases
 
 
-def _slot_tensors(layers, dim, width, mix, act, g):
-    import torch
-
-    if width == 0:
-        return tuple(torch.from_numpy(t) for t in empty_feed("decoder", layers, dim).values())
-    activation = torch.zeros(layers, 2, len(ACTIVATIONS))
-    activation[..., act] = 1.0
-    return (0.1 * torch.randn(layers, 2, width, dim, generator=g), 0.1 * torch.randn(layers, 2, width, generator=g),
-            0.1 * torch.randn(layers, 2, dim, width, generator=g), 0.1 * torch.randn(layers, 2, dim, generator=g),
-            torch.tensor(mix).expand(layers, 2, 3).contiguous(), activation)
+def _stack(rows: list[dict], width_axis, row_axis: int) -> dict:
+    names = list(rows[0])
+    return lora_slots.stack_rows(rows, {n: width_axis(n) for n in names}, {n: row_axis for n in names})
 
 
 def case_inputs(case: dict, num_layers: int, kv: int, head_dim: int, hidden: int, seed: int = 0):
     """(torch DecoderPart args, native ORT feed) for one check case. The portable convention sees each row's
     valid past then its new tokens, with the unused past positions masked out; the native one sees a ones-first
-    mask of each row's length."""
+    mask of each row's length. Both get the same adapter tensors."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -307,11 +399,12 @@ def case_inputs(case: dict, num_layers: int, kv: int, head_dim: int, hidden: int
         portable_mask[r, :n], portable_mask[r, p:] = 1, 1
         native_mask[r, : n + s] = 1
         positions[r] = first + torch.arange(s)
-    args = (embeds, portable_mask, positions, *past, *case["slot"])
+    adapters = case.get("adapters", {})
+    args = (embeds, portable_mask, positions, *past, *(torch.from_numpy(v) for v in adapters.values()))
     feed = {"inputs_embeds": embeds.numpy(), "attention_mask": native_mask.numpy(), "position_ids": positions.numpy()}
     for i in range(num_layers):
         feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i].numpy(), past[2 * i + 1].numpy()
-    feed.update({name: t.numpy() for name, t in zip(slot_input_names("decoder"), case["slot"])})
+    feed.update(adapters)
     return args, feed
 
 
@@ -321,11 +414,18 @@ def portable_present_rows(present: np.ndarray, case: dict) -> list[np.ndarray]:
     return [np.concatenate([present[r, :, :n], present[r, :, p:]], axis=1) for r, n in enumerate(case["past_lens"])]
 
 
-def check_native_decoder(module, onnx_path: Path, rel_tol: float, slots: bool = False, label: str = "decoder") -> dict:
+def check_native_decoder(module, onnx_path: Path, rel_tol: float, slots: bool = False, label: str = "decoder",
+                         lora: dict | None = None) -> dict:
     """ONNX Runtime on the native graph against the torch DecoderPart on check_cases(); raise ParityError naming the
-    part, its form and the output when they differ by more than rel_tol (relative to max(1, max|torch|))."""
+    part, its form and the output when they differ by more than rel_tol (relative to max(1, max|torch|)).
+    slots/lora: the graph's slot inputs, which `module` must take too (DecoderPart(model, slots, lora))."""
     import onnxruntime as ort
     import torch
+
+    if (bool(getattr(module, "slots", False)), getattr(module, "lora", None) or {}) != (slots, lora or {}):
+        raise ValueError(f"check_native_decoder: the torch module takes slots={getattr(module, 'slots', False)}, "
+                         f"LoRA groups {sorted(getattr(module, 'lora', None) or {})}; the graph was asked with "
+                         f"slots={slots}, LoRA groups {sorted(lora or {})}")
 
     cfg = module.text_config
     L, kv, H = module.num_layers, cfg.num_key_value_heads, cfg.hidden_size
@@ -333,12 +433,13 @@ def check_native_decoder(module, onnx_path: Path, rel_tol: float, slots: bool = 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     worst: dict[str, float] = {}
-    for k, case in enumerate(check_cases(L, H, slots)):
+    for k, case in enumerate(check_cases(L, H, slots, lora)):
         args, feed = case_inputs(case, L, kv, hd, H, seed=k)
         with torch.no_grad():
             expected = dict(zip(names, (t.numpy() for t in module(*args))))
         got = dict(zip(names, session.run(names, feed)))
         shape = f"batch {case['batch']}, {case['new']} new token(s), past {case['past_lens']}"
+        shape += f", {case['note']}" if case["note"] else ""
         for name in names:
             want, have = expected[name], got[name]
             if name.startswith("present."):

@@ -22,15 +22,82 @@ def bottleneck_slot(x, h, layer: int, site: int, slot):
 
     (a, b, s) = slot mix: SeqBn (Pfeiffer) feeds x+h (1, 1, s); Houlsby feeds h (0, 1, s); ParBn feeds the block
     input x (1, 0, s). The activation is a fed one-hot over slots.ACTIVATIONS, so one graph serves every adapter; at
-    width 0 the adapter contributes its up bias, which "no adapter" packs set to zero.
+    width 0 the adapter contributes its up bias, which "no adapter" packs set to zero. Each field has a row axis
+    (slots.py): 1 row broadcast over the batch, or one per row.
     """
-    down_w, down_b, up_w, up_b, mix, act = (t[layer, site] for t in slot)
-    z = mix[0] * x + mix[1] * h
-    u = torch.matmul(z, down_w.transpose(0, 1)) + down_b
-    a = (act[0] * torch.relu(u) + act[1] * nn.functional.silu(u) + act[2] * nn.functional.gelu(u)
-         + act[3] * torch.tanh(u))
-    y = torch.matmul(a, up_w.transpose(0, 1)) + up_b
-    return x + h + mix[2] * y
+    down_w, down_b, up_w, up_b, mix, act = (t[layer, site] for t in slot)  # [N, ...]
+
+    def per_row(v):  # [N] -> [N, 1, 1], against x [B, S, d]
+        return v[:, None, None]
+
+    z = per_row(mix[:, 0]) * x + per_row(mix[:, 1]) * h
+    u = torch.matmul(z, down_w.transpose(-1, -2)) + down_b[:, None, :]
+    a = (per_row(act[:, 0]) * torch.relu(u) + per_row(act[:, 1]) * nn.functional.silu(u)
+         + per_row(act[:, 2]) * nn.functional.gelu(u) + per_row(act[:, 3]) * torch.tanh(u))
+    y = torch.matmul(a, up_w.transpose(-1, -2)) + up_b[:, None, :]
+    return x + h + per_row(mix[:, 2]) * y
+
+
+class LoraFeed:
+    """The LoRA slot tensors of one forward call, {group: (a, b, scale or None)}, set by the part's forward and read
+    by its LoraSlotLinear modules (so that they stay ordinary modules called by transformers' own layer code)."""
+
+    def __init__(self):
+        self.tensors: dict = {}
+
+
+class LoraSlotLinear(nn.Module):
+    """A linear with a LoRA slot: y = (x W^T + (x a) b) * scale + bias, with a, b, scale its group's fed tensors at
+    this layer (lora_slots.py). It holds the linear's own weight and bias, so parameter and scope names are the
+    linear's: precision/ keeps and quantizes products by those names."""
+
+    def __init__(self, linear: nn.Linear, feed: LoraFeed, group: str, layer: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.feed, self.group, self.layer = feed, group, layer
+
+    def forward(self, x):
+        a, b, scale = self.feed.tensors[self.group]
+        y = nn.functional.linear(x, self.weight) + torch.matmul(torch.matmul(x, a[self.layer]), b[self.layer])
+        if scale is not None:
+            y = y * scale[self.layer][:, None, :]
+        return y if self.bias is None else y + self.bias
+
+
+def with_lora_slots(root: nn.Module, prefix: str, geometry: dict, feed: LoraFeed) -> nn.Module:
+    """`root` with every linear a LoRA slot group serves replaced by a LoraSlotLinear, as a copy along the changed
+    paths only (the weights stay shared; the model the build holds is left as it is). `prefix` is root's module name
+    in the LLaVA model ("model.language_model", ...); geometry is lora_slots' {group: spec} of one part."""
+    from ..lora_slots import locate
+
+    for name, module in list(root.named_modules()):
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        where = locate(full) if isinstance(module, nn.Linear) else None
+        if where is None or where[1] not in geometry or where[2] >= geometry[where[1]]["layers"]:
+            continue
+        slot = LoraSlotLinear(module, feed, where[1], where[2])
+        if not name:  # root is itself the linear (lm_head)
+            return slot
+        root = _replaced(root, name.split("."), slot)
+    return root
+
+
+def _replaced(module: nn.Module, path: list[str], new: nn.Module) -> nn.Module:
+    if not path:
+        return new
+    out = copy.copy(module)
+    out._modules = dict(module._modules)
+    out._modules[path[0]] = _replaced(module._modules[path[0]], path[1:], new)
+    return out
+
+
+def set_lora_feed(feed: LoraFeed, geometry: dict, part: str, tensors: tuple) -> None:
+    """Bind the part's LoRA inputs (in lora_slots.part_input_names order) to their groups."""
+    from ..lora_slots import part_input_names
+
+    named = dict(zip(part_input_names({part: geometry}, part), tensors))
+    feed.tensors = {g: (named[f"{part}_lora.{g}.a"], named[f"{part}_lora.{g}.b"], named.get(f"{part}_lora.{g}.scale"))
+                    for g in geometry}
 
 
 def feature_indices(feature_layer, num_layers: int) -> list[int]:
@@ -43,23 +110,30 @@ class VisionPart(nn.Module):
     """CLIP up to the deepest feature layer LLaVA reads (later layers never run), then the projector.
 
     With slots=True each encoder layer's two residual adds take a bottleneck adapter slot (inputs
-    vision_adapter.*)."""
+    vision_adapter.*); `lora` (lora_slots geometry of this part) gives the linears it names LoRA slots
+    (inputs vision_lora.*), after the bottleneck inputs."""
 
-    def __init__(self, model, slots: bool = False):
+    def __init__(self, model, slots: bool = False, lora: dict | None = None):
         super().__init__()
         self.slots = slots
+        self.lora = lora or {}
+        self.lora_feed = LoraFeed()
         cfg = model.config
         tower = model.model.vision_tower
         self.embeddings = tower.embeddings
         self.pre_layrnorm = tower.pre_layrnorm
         self.indices = feature_indices(cfg.vision_feature_layer, len(tower.encoder.layers))
-        self.layers = nn.ModuleList(tower.encoder.layers[: max(self.indices)])
+        layers = nn.ModuleList(tower.encoder.layers[: max(self.indices)])
+        self.layers = with_lora_slots(layers, "model.vision_tower.encoder.layers", self.lora, self.lora_feed)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
-        self.projector = model.model.multi_modal_projector
+        self.projector = with_lora_slots(model.model.multi_modal_projector, "model.multi_modal_projector", self.lora,
+                                         self.lora_feed)
 
-    def forward(self, pixel_values: torch.Tensor, *slot) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, *inputs) -> torch.Tensor:
         dtype = self.embeddings.patch_embedding.weight.dtype
-        slot = tuple(t.to(dtype) for t in slot)
+        n_slot = len(slot_input_names("vision")) if self.slots else 0
+        slot = tuple(t.to(dtype) for t in inputs[:n_slot])
+        set_lora_feed(self.lora_feed, self.lora, "vision", tuple(t.to(dtype) for t in inputs[n_slot:]))
         hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(dtype)))
         states = [hidden]
         for i, layer in enumerate(self.layers):
@@ -106,13 +180,17 @@ class DecoderPart(nn.Module):
 
     Only the last position's logits are computed (so batches are left-padded: every row ends on a real token).
     The additive 4-D mask (causal over past+new positions, and the 2-D padding mask) is built here, so the graph
-    needs no cache object and one graph serves prefill (past length 0) and decode.
+    needs no cache object and one graph serves prefill (past length 0) and decode. Bottleneck slot inputs
+    (slots=True), then LoRA slot inputs (`lora`: lora_slots geometry of this part), follow the cache.
     """
 
-    def __init__(self, model, slots: bool = False):
+    def __init__(self, model, slots: bool = False, lora: dict | None = None):
         super().__init__()
-        self.language_model = model.model.language_model
-        self.lm_head = model.lm_head
+        self.lora = lora or {}
+        self.lora_feed = LoraFeed()
+        self.language_model = with_lora_slots(model.model.language_model, "model.language_model", self.lora,
+                                              self.lora_feed)
+        self.lm_head = with_lora_slots(model.lm_head, "lm_head", self.lora, self.lora_feed)
         self.text_config = model.config.text_config
         self.num_layers = self.text_config.num_hidden_layers
         self.slots = slots
@@ -131,7 +209,10 @@ class DecoderPart(nn.Module):
         dtype = self.lm_head.weight.dtype
         inputs_embeds = inputs_embeds.to(dtype)
         past_key_values = [t.to(dtype) for t in inputs[: 2 * self.num_layers]]
-        slot = tuple(t.to(dtype) for t in inputs[2 * self.num_layers :])
+        n_slot = len(slot_input_names("decoder")) if self.slots else 0
+        slot = tuple(t.to(dtype) for t in inputs[2 * self.num_layers : 2 * self.num_layers + n_slot])
+        set_lora_feed(self.lora_feed, self.lora, "decoder",
+                      tuple(t.to(dtype) for t in inputs[2 * self.num_layers + n_slot :]))
         cache = DynamicCache(config=self.text_config)
         for i in range(self.num_layers):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
@@ -159,10 +240,13 @@ class DecoderPart(nn.Module):
         return (logits, *present)
 
 
-def decoder_io_names(num_layers: int, slots: bool = False) -> tuple[list[str], list[str]]:
+def decoder_io_names(num_layers: int, slots: bool = False, lora: dict | None = None) -> tuple[list[str], list[str]]:
+    from ..lora_slots import part_input_names
+
     inputs = ["inputs_embeds", "attention_mask", "position_ids"]
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs + (slot_input_names("decoder") if slots else []), outputs
+    inputs += slot_input_names("decoder") if slots else []
+    return inputs + part_input_names({"decoder": lora or {}}, "decoder"), outputs

@@ -53,35 +53,48 @@ class Int8Options:
         return {p for p in ("vision", "decoder") if precision.get(p) == "int8" and self.smoothquant_alpha > 0}
 
 
-def int8_options(profile_section: dict, overrides: str | None = None) -> Int8Options:
-    """The target's [int8] section with `--int8 key=value,...` applied, validated."""
-    values = {**INT8_DEFAULTS, **profile_section}
+def apply_overrides(flag: str, defaults: dict, section: dict, overrides: str | None, example: str) -> dict:
+    """`defaults`, then the target's [flag] section, then `--flag KEY=VALUE,...`; unknown keys refused.
+
+    The values are returned as given (an override is a string); each caller checks and converts its own."""
+    values = {**defaults, **section}
     for item in (overrides or "").split(","):
         if not item.strip():
             continue
         if "=" not in item:
-            raise VlexportError(f"--int8 '{overrides}': expected KEY=VALUE[,KEY=VALUE...], e.g. calibration=entropy")
+            raise VlexportError(f"--{flag} '{overrides}': expected KEY=VALUE[,KEY=VALUE...], e.g. {example}")
         key, value = (s.strip() for s in item.split("=", 1))
         values[key] = value
-    unknown = set(values) - set(INT8_DEFAULTS)
+    unknown = set(values) - set(defaults)
     if unknown:
-        raise VlexportError(f"int8 option(s) {', '.join(sorted(unknown))} unknown: use {', '.join(INT8_DEFAULTS)}")
+        raise VlexportError(f"{flag} option(s) {', '.join(sorted(unknown))} unknown: use {', '.join(defaults)}")
+    return values
+
+
+def option_bool(flag: str, key: str, value) -> bool:
+    """A TOML boolean, or "true"/"false" from the command line."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise VlexportError(f"{flag} option {key}={value!r}: use true or false")
+
+
+def int8_options(profile_section: dict, overrides: str | None = None) -> Int8Options:
+    """The target's [int8] section with `--int8 key=value,...` applied, validated."""
+    values = apply_overrides("int8", INT8_DEFAULTS, profile_section, overrides, "calibration=entropy")
     checks = {"calibration": CALIBRATIONS, "decoder": DECODER_KINDS, "vision": ("w8a8",), "form": (None, "qdq", "dynamic")}
     for key, allowed in checks.items():
         if values[key] not in allowed:
             raise VlexportError(f"int8 option {key}={values[key]!r}: use one of {', '.join(str(a) for a in allowed if a)}")
-    fallback = values["fallback"]
-    if isinstance(fallback, str):
-        if fallback.lower() not in ("true", "false"):
-            raise VlexportError(f"int8 option fallback={fallback!r}: use true or false")
-        fallback = fallback.lower() == "true"
+    fallback = option_bool("int8", "fallback", values["fallback"])
     try:
         alpha = float(values["smoothquant_alpha"])
-    except ValueError:
+    except (TypeError, ValueError):
         alpha = -1.0
     if not 0 <= alpha <= 1:
         raise VlexportError(f"int8 option smoothquant_alpha={values['smoothquant_alpha']!r}: use a number in [0, 1] (0 = off)")
-    return Int8Options(values["calibration"], values["decoder"], values["vision"], alpha, bool(fallback), values["form"])
+    return Int8Options(values["calibration"], values["decoder"], values["vision"], alpha, fallback, values["form"])
 
 
 # The calibration set is not the data verify judges on: the fallback aims at half the error the gate allows in the

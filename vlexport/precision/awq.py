@@ -108,8 +108,10 @@ def search(model, stats: dict, block: int, symmetric: bool, lm_head_bits: int = 
     return scales
 
 
-def fold(model, scales: dict[str, np.ndarray]) -> int:
-    """Fold the scales into the model in place (the function is unchanged); returns the number of groups."""
+def fold(model, scales: dict[str, np.ndarray], record: dict | None = None) -> int:
+    """Fold the scales into the model in place (the function is unchanged); returns the number of groups. record,
+    if given, gets {linear module: (input scale or None, output scale or None)}: a linear's input is now x / s_in,
+    its output y / s_out (LoRA slots fed on it follow)."""
     import torch
 
     n = 0
@@ -126,8 +128,14 @@ def fold(model, scales: dict[str, np.ndarray]) -> int:
                 front.weight.div_(s[:, None])
                 if front.bias is not None:
                     front.bias.div_(s)
+                if record is not None:
+                    s_in, _ = record.get(front, (None, None))
+                    record[front] = (s_in, s.float().numpy())
             for lin in linears:
                 lin.weight.mul_(s)
+                if record is not None:
+                    _, s_out = record.get(lin, (None, None))
+                    record[lin] = (s.float().numpy(), s_out)
             n += 1
     return n
 

@@ -54,27 +54,11 @@ class Int4Options:
         return "fp32" if backend == "tensorrt" else self.keep  # TensorRT: a kept product builds in FP16
 
 
-def _bool(key: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise VlexportError(f"int4 option {key}={value!r}: use true or false")
-
-
 def int4_options(profile_section: dict, overrides: str | None = None) -> Int4Options:
     """The target's [int4] section with `--int4 key=value,...` applied, validated."""
-    values = {**INT4_DEFAULTS, **profile_section}
-    for item in (overrides or "").split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise VlexportError(f"--int4 '{overrides}': expected KEY=VALUE[,KEY=VALUE...], e.g. block_size=64,algo=hqq")
-        key, value = (s.strip() for s in item.split("=", 1))
-        values[key] = value
-    unknown = set(values) - set(INT4_DEFAULTS)
-    if unknown:
-        raise VlexportError(f"int4 option(s) {', '.join(sorted(unknown))} unknown: use {', '.join(INT4_DEFAULTS)}")
+    from . import apply_overrides, option_bool  # the package imports this module first
+
+    values = apply_overrides("int4", INT4_DEFAULTS, profile_section, overrides, "block_size=64,algo=hqq")
     try:
         block = int(values["block_size"])
     except (TypeError, ValueError):
@@ -85,11 +69,11 @@ def int4_options(profile_section: dict, overrides: str | None = None) -> Int4Opt
     for key, allowed in (("algo", ALGOS), ("lm_head", LM_HEAD_PRECISIONS), ("keep", KEEP_PRECISIONS)):
         if values[key] not in allowed:
             raise VlexportError(f"int4 option {key}={values[key]!r}: use one of {', '.join(allowed)}")
-    symmetric = _bool("symmetric", values["symmetric"])
+    symmetric = option_bool("int4", "symmetric", values["symmetric"])
     if values["algo"] == "hqq" and symmetric:
         symmetric = False  # HQQ optimises a scale and a zero point per block; it has no symmetric form
     return Int4Options(block, values["algo"], symmetric, values["lm_head"], values["keep"],
-                       _bool("fallback", values["fallback"]), _bool("awq", values["awq"]))
+                       option_bool("int4", "fallback", values["fallback"]), option_bool("int4", "awq", values["awq"]))
 
 
 def check_int4_buildable(target, opts: Int4Options) -> None:

@@ -65,8 +65,9 @@ def activation_maxima(model, processor, cases, texts: list[str], parts: set) -> 
     return {k: v.numpy().astype(np.float32) for k, v in maxima.items()}
 
 
-def smooth(model, maxima: dict[str, np.ndarray], alpha: float, parts: set) -> int:
-    """Fold the smoothing scales into the model in place; returns the number of groups smoothed."""
+def smooth(model, maxima: dict[str, np.ndarray], alpha: float, parts: set, record: dict | None = None) -> int:
+    """Fold the smoothing scales into the model in place; returns the number of groups smoothed. record, if given,
+    gets {linear module: (input scale s, None)}: its input is now x / s (LoRA slots fed on it follow)."""
     import torch
 
     n = 0
@@ -82,5 +83,7 @@ def smooth(model, maxima: dict[str, np.ndarray], alpha: float, parts: set) -> in
                 norm.bias.div_(s)
             for _, lin in linears:
                 lin.weight.mul_(s)
+                if record is not None:
+                    record[lin] = (s.float().numpy(), None)
             n += 1
     return n

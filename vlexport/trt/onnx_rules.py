@@ -553,7 +553,9 @@ def check_bundle(bundle_dir: Path, manifest: dict, trt_version: str, shapes: dic
     from .profiles import bundle_profiles
 
     normalize_version(trt_version)  # an unknown version is reported before any profile problem
-    profiles = bundle_profiles(manifest, shapes)
+    # Profiles for the portable parts only: an ORT-native part's dimensions (slot rows) are no TensorRT profile's.
+    portable = {**manifest, "parts": {n: p for n, p in manifest["parts"].items() if p.get("form", "portable") == "portable"}}
+    profiles = bundle_profiles(portable, shapes)
     found = {}
     for name, part in manifest["parts"].items():
         if part.get("form", "portable") != "portable":

@@ -15,9 +15,12 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 def dimension_ranges(part: str, phase: str, shapes: dict, num_image_tokens: int) -> dict[str, tuple[int, int, int]]:
     """Symbolic dimension name -> (min, opt, max) for one part and phase ('context' or 'generation')."""
-    # Bottleneck slot width: 0 (no adapter) up to the widest adapter the profile allows, tuned for a typical one.
+    # Bottleneck slot width and LoRA slot rank: 0 (no adapter) up to the widest the profile allows (target
+    # shapes.adapter_width, shapes.lora_rank), tuned for a typical one. Slot rows are the batch (lora_slots.py).
     max_width = int(shapes.get("adapter_width", 256))
-    width = {f"{part}_adapter_width": (0, min(64, max_width), max_width)}
+    max_rank = int(shapes.get("lora_rank", 64))
+    width = {f"{part}_adapter_width": (0, min(64, max_width), max_width),
+             f"{part}_lora_rank": (0, min(16, max_rank), max_rank)}
     return {**width, **_ranges(part, phase, shapes, num_image_tokens)}
 
 
