@@ -10,11 +10,10 @@ tile size, so that the same aspect ratios pick the same grids as on the real mod
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VlexportError
-from .fixture import CHAT_TEMPLATE, IMAGE_TOKEN, PAD_TOKEN, _fit_output_layer, build_tokenizer
+from .fixture import CHAT_TEMPLATE, IMAGE_TOKEN, PAD_TOKEN, Preset, _fit_output_layer, build_tokenizer
 
 VIDEO_TOKEN = "<video>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -37,35 +36,21 @@ NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 ONEVISION_GRIDS = tuple((i, j) for i in range(1, 7) for j in range(1, 7))
 
 
-@dataclass(frozen=True)
-class FamilyPreset:
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    vision_intermediate: int
-    image_size: int  # the tile side; SigLIP's 384 / 14 leaves a remainder, and so does OneVision tiny's 60 / 14
-    patch_size: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    text_intermediate: int
-    vocab_size: int
-
-
+# Presets use fixture.Preset's fields; image_size is the tile side (SigLIP's 384 / 14 leaves a remainder, and so
+# does OneVision tiny's 60 / 14).
 NEXT_PRESETS = {
-    "tiny": FamilyPreset(32, 3, 2, 64, 56, 14, 64, 2, 4, 4, 128, 1024),
+    "tiny": Preset(32, 3, 2, 64, 56, 14, 64, 2, 4, 4, 128, 1024),
     # ViT-B/14 at 224 and a 12-layer Llama, as vlexport.fixture's small LLaVA-1.5.
-    "small": FamilyPreset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 12, 2048, 32064),
+    "small": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 12, 2048, 32064),
 }
 ONEVISION_PRESETS = {
-    "tiny": FamilyPreset(32, 3, 2, 64, 60, 14, 64, 2, 4, 2, 128, 1024),
+    "tiny": Preset(32, 3, 2, 64, 60, 14, 64, 2, 4, 2, 128, 1024),
     # SigLIP-B/14-ish at 224 and a 12-layer Qwen2 with GQA (Qwen2-0.5B's 14 heads / 2 KV heads ratio, rounded).
-    "small": FamilyPreset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 4, 2048, 32064),
+    "small": Preset(768, 12, 12, 3072, 224, 14, 768, 12, 12, 4, 2048, 32064),
 }
 
 
-def _preset(presets: dict, preset: str, family: str) -> FamilyPreset:
+def _preset(presets: dict, preset: str, family: str) -> Preset:
     if preset not in presets:
         raise VlexportError(f"unknown {family} fixture preset '{preset}': choose one of {', '.join(presets)}")
     return presets[preset]
@@ -110,7 +95,7 @@ def _tokenizer(vocab_size: int, seed: int, extra: list[str], bos: bool, **specia
     return raw, tok
 
 
-def next_config(p: FamilyPreset, image_token_id: int, bos: int, eos: int, pad: int):
+def next_config(p: Preset, image_token_id: int, bos: int, eos: int, pad: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
     vision = CLIPVisionConfig(hidden_size=p.vision_hidden, intermediate_size=p.vision_intermediate,
@@ -128,7 +113,7 @@ def next_config(p: FamilyPreset, image_token_id: int, bos: int, eos: int, pad: i
                            image_seq_length=(p.image_size // p.patch_size) ** 2, tie_word_embeddings=False)
 
 
-def onevision_config(p: FamilyPreset, image_token_id: int, video_token_id: int, eos: int, pad: int):
+def onevision_config(p: Preset, image_token_id: int, video_token_id: int, eos: int, pad: int):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=p.vision_hidden, intermediate_size=p.vision_intermediate,

@@ -160,21 +160,19 @@ class KvState:
             # Buffer rows no request holds run masked out: they take an active row's task, so that rows of one
             # task keep the one broadcast row of slot inputs.
             owner = dict(zip(self.slots, self.tasks))
-            spare = self.tasks[0] if self.tasks else _NO_TASK
+            spare = self.tasks[0] if self.tasks else None
             row_tasks = tuple(owner.get(r, spare) for r in range(self.buffer.lengths.shape[0]))
         else:
             row_tasks = tuple(self.tasks)
         if self._feed is not None and self._feed[0] == row_tasks:
             return self._feed[1]
-        distinct = set(row_tasks)
-        if len(distinct) == 1 and (self.form == "ort-native" or len(row_tasks) == 1):
-            feed = bundle.slot_feed("decoder", _task_of(row_tasks[0]))
-        else:  # one row of slot inputs per batch row (the portable graph takes no broadcast row: lora_slots.py)
-            if len(distinct) == 1:
-                feed = lora_slots.repeat_rows(bundle.slot_feed("decoder", _task_of(row_tasks[0])), len(row_tasks))
-            else:
-                rows = [bundle.slot_feed("decoder", _task_of(t)) for t in row_tasks]
-                feed = lora_slots.stack_rows(rows, *lora_slots.slot_axes(rows[0])) if rows[0] else {}
+        if len(set(row_tasks)) == 1:
+            feed = bundle.slot_feed("decoder", row_tasks[0])
+            if self.form != "ort-native":  # the portable graph takes one row of slot inputs per batch row
+                feed = lora_slots.repeat_rows(feed, len(row_tasks))
+        else:
+            rows = [bundle.slot_feed("decoder", t) for t in row_tasks]
+            feed = lora_slots.stack_rows(rows, *lora_slots.slot_axes(rows[0])) if rows[0] else {}
         self._feed = (row_tasks, feed)
         return feed
 
@@ -226,13 +224,6 @@ class KvState:
         else:
             self.mask = self.mask[:, :-steps]
             self.past = {k: v[:, :, :-steps] for k, v in self.past.items()}
-
-
-_NO_TASK = object()  # a buffer row no request holds
-
-
-def _task_of(row_task):
-    return None if row_task is _NO_TASK else row_task
 
 
 def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
@@ -507,8 +498,7 @@ class Bundle:
             rows.append(self.step(state, [token])[0])
         return np.stack(rows)
 
-    def prepare(self, image, prompt: str | None, raw_prompt: str | None, max_new_tokens: int, task: str | None
-                ) -> list[int]:
+    def prepare(self, prompt: str | None, raw_prompt: str | None, max_new_tokens: int, task: str | None) -> list[int]:
         """The prompt's token ids for one request, every check made before the image is read or a cache
         allocated."""
         if (prompt is None) == (raw_prompt is None):
@@ -549,7 +539,7 @@ class Bundle:
     ) -> Generation:
         check_sampling(max_new_tokens, temperature, top_p)
         t0 = time.perf_counter()
-        ids = self.prepare(image, prompt, raw_prompt, max_new_tokens, task)
+        ids = self.prepare(prompt, raw_prompt, max_new_tokens, task)
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
         features = self.image_features(pixels, task)
@@ -591,7 +581,7 @@ class Bundle:
                 raise VlexportError(f"request {i + 1}: expected a vlexport.Request, got {type(r).__name__}")
             try:
                 check_sampling(r.max_new_tokens, 0.0, 1.0)
-                ids = self.prepare(r.image, r.prompt, r.raw_prompt, r.max_new_tokens, r.task)
+                ids = self.prepare(r.prompt, r.raw_prompt, r.max_new_tokens, r.task)
                 image = open_image(r.image) if isinstance(r.image, (str, Path)) else r.image  # read before any runs
             except VlexportError as e:
                 raise VlexportError(f"request {i + 1}: {e}") from None
