@@ -6,7 +6,8 @@
 # with RTN and no calibration run (the calibration set, AWQ's search and the fallback's gate would each need the
 # FP16 decoder in an ONNX Runtime session, ~2.3x its 13.5 GB). The vision part ships FP16 (INT8 needs the
 # calibration run too), hence the profile below: cpu-int4 with vision/embed FP16, block 128, no fallback.
-# Needs the build.py / precision change described in int4-7b.md (until it lands: PYTHONPATH=<patched tree>).
+# choose_export_dtype allows the fp16 export for FP16 + uncalibrated-INT4 profiles, and the RTN INT4 decoder is
+# quantized reading one fp16 weight at a time (precision/int4.py: lower_uncalibrated, quantize_int4(lazy=True)).
 # Run one heavy step at a time: the build peaks near 16 GB.
 set -euo pipefail
 W="${W:-/tmp/int4_7b}"
@@ -35,3 +36,5 @@ python -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.astr
     --max-new-tokens 16 --threads 2 --json > "$W/run.json" 2> "$W/run.time"
 # vlexport bench would also time PyTorch eager FP32 (28 GB): decode and its floor only.
 python "$HERE/int4_7b_decode.py" "$W/b7" --contexts 64,300 --threads 2 --repeats 10 > "$OUT/int4-7b-decode.json"
+# Where the run's memory goes (vision / embed / decoder sessions, then the generate), one process per variant.
+python "$HERE/int4_7b_memory.py" "$W/b7" "$W/astronaut.png" --variants default,no-arena --threads 2 > "$W/memory.jsonl"

@@ -73,6 +73,14 @@ def full_bundle(tiny_base, full_lora, bitfit_dump, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llava7b_config(tmp_path_factory):
+    """LLaVA-1.5-7B's config.json and tokenizer, no weights (plan and parameter-count tests)."""
+    from vlexport.fixture import write_llava_config
+
+    return write_llava_config(tmp_path_factory.mktemp("7b") / "llava-1.5-7b", "7b-shaped")
+
+
+@pytest.fixture(scope="session")
 def orin_bundle(tiny_base, full_lora, tmp_path_factory):
     """tiny base + full LoRA for jetson-orin, built through the CLI (verify included) where TensorRT is absent:
     engines planned, build.sh written. Shared by test_targets_plan.py and test_engines.py (which works on copies)."""

@@ -300,13 +300,6 @@ def test_trtexec_int4_needs_tensorrt_10():
 
 # -- memory plan -----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def llava7b_config(tmp_path_factory):
-    from vlexport.fixture import write_llava_config
-
-    return write_llava_config(tmp_path_factory.mktemp("7b") / "llava-1.5-7b", "7b-shaped")
-
-
 def test_plan_7b_int4_fits_orin_nano_at_context_2048(llava7b_config):
     r = CliRunner().invoke(app, ["plan", "--base", str(llava7b_config), "--target", "jetson-orin-nano-8gb",
                                  "--precision", "decoder=int4", "--context", "2048", "--json"])

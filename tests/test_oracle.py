@@ -113,10 +113,8 @@ def test_auto_uses_the_oracle_only_when_it_fits(tiny_base):
         choose_oracle("fp16", tiny_base)
 
 
-def test_7b_oracle_needs_the_layers_mode(tmp_path):
-    from vlexport.fixture import write_llava_config
-
-    cfg = write_llava_config(tmp_path / "7b", "7b-shaped")
+def test_7b_oracle_needs_the_layers_mode(llava7b_config):
+    cfg = llava7b_config
     full, two = reference_parameters(cfg), reference_parameters(cfg, layers=2)
     assert 6.9e9 < full < 7.2e9 and two < 1.0e9
     gib = 2**30

@@ -335,15 +335,15 @@ def test_three_methods_in_order_build_verify_and_run(tiny_base, tmp_path, photos
 
 @pytest.mark.slow
 def test_bank_with_ia3_and_vera_tasks_merges_each_for_its_task(tiny_base, tmp_path, photos):
-    """No LoRA-style slot exists yet: a named IA3 or VeRA task is merged for that task (its own copy of the parts it
-    changes), and each task answers with PEFT's unmerged tokens for its adapter."""
+    """--lora-mode merged: a named IA3 or VeRA task is merged for that task (its own copy of the parts it changes),
+    and each task answers with PEFT's unmerged tokens for its adapter."""
     import vlexport
 
     ia3 = make_peft_adapter(tiny_base, tmp_path / "ia3", "IA3", seed=51, scale=0.3)
     vera = make_peft_adapter(tiny_base, tmp_path / "vera", "VERA", seed=52, scale=0.3)
     out = tmp_path / "bank"
     r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"ia3={ia3}", "--adapter", f"vera={vera}",
-                                 "-o", str(out)])
+                                 "--lora-mode", "merged", "-o", str(out)])  # (swappable: tests/test_peft_slots.py)
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["passed"] and set(manifest["tasks"]) == {"ia3", "vera"}

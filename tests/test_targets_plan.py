@@ -44,13 +44,6 @@ def test_bad_profile_is_refused(tmp_path, edit, needle):
     assert needle in str(e.value)
 
 
-@pytest.fixture(scope="module")
-def llava7b_config(tmp_path_factory):
-    from vlexport.fixture import write_llava_config
-
-    return write_llava_config(tmp_path_factory.mktemp("7b") / "llava-1.5-7b", "7b-shaped")
-
-
 def test_7b_parameter_count(llava7b_config):
     from vlexport.plan import parameter_counts
 
@@ -211,16 +204,21 @@ def test_tensorrt_backend_needs_built_engines(orin_bundle, full_bundle, tmp_path
 
 def test_orin_bank_with_bottleneck_slots_is_planned_and_importable(tiny_base, tmp_path):
     """Slot inputs' dynamic bottleneck width and LoRA rank are covered by the engine profiles (0 = no adapter), and
-    their row axis is the batch (lora_slots.py)."""
+    their row axis is the batch (lora_slots.py). INT8 Q/DQ calibration runs these graphs, which have no defaults on
+    their slot inputs (TensorRT's rule), so the calibration feeds must carry "no adapter" themselves."""
     from vlexport.fixture import make_adapterhub_bottleneck, make_lora
 
     adapter = make_adapterhub_bottleneck(tiny_base, tmp_path / "a", "language", "double_seqbn")
     lora = make_lora(tiny_base, tmp_path / "l", seed=7)
     out = tmp_path / "bank"
     r = CliRunner().invoke(app, ["build", "--base", str(tiny_base), "--adapter", f"vqa={adapter}", "--adapter",
-                                 f"ocr={lora}", "--target", "jetson-orin", "-o", str(out), "--no-verify"])
+                                 f"ocr={lora}", "--target", "jetson-orin", "--precision", "vision=int8,decoder=int8",
+                                 "-o", str(out), "--no-verify"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parts"]["vision"]["precision"] == "int8"
+    # (The tiny random decoder does not hold INT8's gate: what matters here is that its calibration ran.)
+    assert manifest["parts"]["decoder"]["lowering"]["calibration_gate"]["checks"]
     assert not manifest["tasks"]["ocr"]["parts"]  # the LoRA is fed through slots on TensorRT too
     generation = manifest["engines"]["parts"]["decoder"]["profiles"][1]
     lo, _, hi = generation["decoder_adapter.down_weight"]

@@ -59,8 +59,16 @@ def read_text_assets(base: Path) -> dict:
 
     extra = tok_cfg.get("extra_special_tokens") or {}
     image_token = proc_cfg.get("image_token") or (extra.get("image_token") if isinstance(extra, dict) else None) or "<image>"
+    # LLaVA-NeXT: the any-resolution tiling around the per-tile steps (vlexport/anyres.py).
+    kind = (proc_cfg.get("image_processor") or proc_cfg).get("image_processor_type", "")
+    anyres = None
+    if "LlavaNext" in kind:
+        from .anyres import AnyResSpec
+
+        anyres = AnyResSpec.from_processor_config(proc_cfg)
     return {
-        "image_spec": ImageSpec.from_processor_config(proc_cfg),
+        "image_spec": anyres.tile_spec if anyres else ImageSpec.from_processor_config(proc_cfg),
+        "anyres_spec": anyres,
         "chat_template": template,
         "image_token": token_str(image_token),
         "bos_token": token_str(tok_cfg.get("bos_token")),
@@ -109,23 +117,48 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def choose_export_dtype(config: dict, prof) -> tuple[str, str | None]:
+def choose_export_dtype(config: dict, prof, int4: Int4Options | None = None) -> tuple[str, str | None]:
     """fp32, unless an fp32 copy of the model would not fit twice in this machine's memory (the export check holds
     the model and an ONNX Runtime session at once). Then parts that ship in FP16 are exported straight from the
-    checkpoint's weights in fp16, and no fp32 copy is ever made. Returns the dtype and, for fp16, the reason."""
+    checkpoint's weights in fp16, and no fp32 copy is ever made; an INT4 decoder is quantized from those fp16
+    weights when its options need no calibration run (uncalibrated RTN on ONNX Runtime). Returns the dtype and,
+    for fp16, the reason."""
+    from .precision.int4 import calibration_options
+
     fp32_bytes = 4 * sum(parameter_counts(config).values())
     memory = host_memory_bytes()
     if 2 * fp32_bytes <= memory:
         return "float32", None
-    if set(prof.precision.values()) == {"fp16"}:
-        return "float16", (f"an fp32 copy of the model ({fp32_bytes / 1e9:.1f} GB) would not fit twice in this "
-                           f"machine's {memory / 1e9:.1f} GB, so the FP16 parts are exported from fp16 weights")
-    raise VlexportError(
-        f"an fp32 copy of this model ({fp32_bytes / 1e9:.1f} GB) does not fit twice in this machine's memory "
-        f"({memory / 1e9:.1f} GB), and only all-FP16 builds export from fp16 weights (precision here: "
-        f"{', '.join(f'{k}={v}' for k, v in prof.precision.items())}); use --target cpu-fp16 or another target "
-        "whose parts are all fp16, or build on a machine with more memory"
-    )
+    too_big = (f"an fp32 copy of this model ({fp32_bytes / 1e9:.1f} GB) does not fit twice in this machine's memory "
+               f"({memory / 1e9:.1f} GB)")
+    others = {k: v for k, v in prof.precision.items() if v not in ("fp16", "int4")}
+    if others:
+        # INT8 needs its calibration run on an fp32 export, and FP32 parts the fp32 copy itself.
+        said = ", ".join(f"{k}={v}" for k, v in others.items())
+        raise VlexportError(
+            f"{too_big}, and only FP16 and uncalibrated INT4 parts export from fp16 weights (target '{prof.name}' "
+            f"asks for {said}); use --precision {','.join(f'{k}=fp16' for k in others)}, --target cpu-fp16 or "
+            "another target whose parts are fp16 (or int4 decoder), or build on a machine with more memory"
+        )
+    if "int4" in prof.precision.values():
+        int4 = int4 or Int4Options()
+        needs = calibration_options(int4)
+        if prof.backend != "onnxruntime":
+            raise VlexportError(
+                f"{too_big}, and the INT4 parts of '{prof.name}' ({prof.backend}, blocked DequantizeLinear) are lowered "
+                "after a calibration run on an fp32 export; build them on a machine with more memory, or use an "
+                "onnxruntime target with --int4 algo=rtn,fallback=false,awq=false"
+            )
+        if needs:
+            raise VlexportError(
+                f"{too_big}, so the decoder exports in fp16 and its INT4 options {', '.join(needs)} would need the "
+                "calibration run (an ONNX Runtime session of the whole FP16 decoder, and AWQ's activations); use "
+                "--int4 algo=rtn,fallback=false,awq=false (RTN from the weights alone), or build on a machine with "
+                "more memory"
+            )
+    return "float16", (f"an fp32 copy of the model ({fp32_bytes / 1e9:.1f} GB) would not fit twice in this "
+                       f"machine's {memory / 1e9:.1f} GB, so the parts are exported from fp16 weights"
+                       + (" (INT4: uncalibrated RTN from them)" if "int4" in prof.precision.values() else ""))
 
 
 def check_buildable(target, int8) -> None:
@@ -229,19 +262,20 @@ def plan_build(base, adapters, out, target, force, adapter_kind, verify, precisi
 
         calib_cases(calib)  # a bad calibration folder fails now, not after the export
     facts = facts_from_config(config)
+    if facts.anyres is not None and prof.backend == "tensorrt":
+        raise VlexportError(f"target '{prof.name}' is TensorRT: LLaVA-NeXT bases build for ONNX Runtime targets only "
+                            "for now (their vision engine needs profiles over the tile count, up to "
+                            f"{facts.anyres.max_tiles()} tiles per image, that vlexport does not plan yet); use --target cpu")
+    if facts.anyres is not None and {"int8", "int4"} & set(prof.precision.values()):
+        raise VlexportError(f"target '{prof.name}' asks for {', '.join(f'{k}={v}' for k, v in prof.precision.items())}: "
+                            "LLaVA-NeXT bases build in FP32 or FP16 only for now (INT8/INT4 calibration does not tile "
+                            "images yet); use --target cpu or cpu-fp16, or --precision with fp32/fp16 parts")
     assets = read_text_assets(base)
     loaded, tasks = load_bank(adapters, adapter_kind, lora_alpha, lora_mode, log)
     check_slot_sizes(tasks, prof)
-    # Fed at run time: the adapter's own bytes (a swappable LoRA's A and B). A task with its own merged LoRA/BitFit
-    # loads its own copies of the parts that adapter changes.
-    pack_bytes = sum(a.nbytes for task in tasks.values() for a in task if not merged_here(a))
-    counts = parameter_counts(config)
-    for task in tasks.values():
-        for part in merged_parts(task):
-            pack_bytes += counts[part] * BYTES[prof.precision[part]]
-    memory = plan_memory(config, prof, adapter_bytes=pack_bytes, int4=int4_opts)
+    memory = plan_memory(config, prof, adapter_bytes=sum(task_bytes(tasks, config, prof).values()), int4=int4_opts)
     check_fits(memory, config, prof)
-    dtype, low_memory = choose_export_dtype(config, prof)
+    dtype, low_memory = choose_export_dtype(config, prof, int4_opts)
     if low_memory:
         log(low_memory)
         if tasks:
@@ -255,6 +289,16 @@ def plan_build(base, adapters, out, target, force, adapter_kind, verify, precisi
                       assets=assets, loaded=loaded, tasks=tasks, memory=memory, dtype=dtype, low_memory=low_memory,
                       verify=verify, verify_layers=verify_layers, oracle=oracle, strict_precision=strict_precision,
                       log=log, int4_opts=int4_opts, prequantized=prequantized)
+
+
+def task_bytes(tasks: dict, config: dict, prof: Target) -> dict[str, int]:
+    """What each bank task adds to memory. Fed at run time: the adapter's own bytes (a swappable LoRA's A and B,
+    a bottleneck's weights, a prefix's KV). A task with its own merged LoRA/BitFit loads its own copies of the
+    parts that adapter changes."""
+    counts = parameter_counts(config)
+    return {name: sum(a.nbytes for a in task if not merged_here(a))
+            + sum(counts[part] * BYTES[prof.precision[part]] for part in merged_parts(task))
+            for name, task in tasks.items()}
 
 
 def check_slot_sizes(tasks: dict, prof: Target) -> None:
@@ -517,7 +561,7 @@ def write_assets_and_manifest(state: BuildState) -> None:
     state.manifest = {
         "vlexport_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": "llava",
+        "base": {"path": str(base.resolve()), "fingerprint": fingerprint(base), "model_type": facts.model_type,
                  **({"prequantized": state.prequantized} if state.prequantized else {})},
         "adapters": [a.describe() for a in state.loaded],
         "tasks": write_packs(tmp, state.tasks, facts, state.slots, state.task_parts, state.lora_packs),
@@ -528,7 +572,7 @@ def write_assets_and_manifest(state: BuildState) -> None:
         "parts": state.parts,
         "model": {
             "image_token_id": facts.image_token_id,
-            "num_image_tokens": facts.num_image_tokens,
+            "num_image_tokens": facts.anyres.max_image_tokens()[0] if facts.anyres else facts.num_image_tokens,
             "vocab_size": facts.vocab_size,
             "hidden_size": facts.hidden_size,
             "num_layers": facts.num_layers,
@@ -537,6 +581,7 @@ def write_assets_and_manifest(state: BuildState) -> None:
             "head_dim": facts.head_dim,
             "image_size": facts.image_size,
             "max_position_embeddings": facts.max_position_embeddings,
+            **({"anyres": _anyres_manifest(facts, assets)} if facts.anyres is not None else {}),
         },
         "tokenizer": {
             "file": "tokenizer.json",
@@ -552,6 +597,22 @@ def write_assets_and_manifest(state: BuildState) -> None:
     }
     for name, forms in state.task_forms.items():  # a task's own decoder has a form too (runtime: decoder_form)
         state.manifest["tasks"][name]["forms"] = forms
+
+
+def _anyres_manifest(facts, assets: dict) -> dict:
+    """LLaVA-NeXT: the geometry the runtime needs to tile an image, count its tokens and plan its packing
+    (model.num_image_tokens is then the worst case over image sizes)."""
+    g, spec = facts.anyres, assets["anyres_spec"]
+    if spec is None:
+        raise VlexportError("the base is LLaVA-NeXT (config.json model_type 'llava_next') but its processor config is "
+                            "not a LlavaNextImageProcessor's; save the model's processor with it")
+    if tuple(map(tuple, spec.grid_pinpoints)) != g.grid_pinpoints or spec.tile != g.tile:
+        raise VlexportError(f"the base's processor config tiles images with image_grid_pinpoints "
+                            f"{[list(p) for p in spec.grid_pinpoints]} of {spec.tile} px but config.json has "
+                            f"{[list(p) for p in g.grid_pinpoints]} of {g.tile} px; make them agree")
+    return {"family": g.family, "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "tile": g.tile,
+            "patch": g.patch, "newline": g.newline, "base_hw": list(spec.base_hw),
+            "max_image_tokens": g.max_image_tokens()[0], "max_tiles": g.max_tiles(), "packing": "vision-graph"}
 
 
 def lower_precision(state: BuildState) -> None:

@@ -612,20 +612,28 @@ def plan(
     target: str = typer.Option(..., "--target", metavar="NAME|PATH", help="Target profile name (vlexport targets) or a .toml path."),
     precision: Optional[str] = typer.Option(None, "--precision", metavar="PART=PREC,...", help="Override per part, e.g. vision=fp16,decoder=int8."),
     context: Optional[int] = typer.Option(None, "--context", min=1, metavar="N", help="Max context in tokens (default: the target's)."),
+    adapter: list[str] = typer.Option([], "--adapter", metavar="PATH|NAME=PATH",
+                                      help="As for build: NAME=PATH bank tasks count what they add (a swappable LoRA "
+                                           "its own bytes, a merged task its copies of the parts)."),
+    lora_mode: str = typer.Option("swappable", "--lora-mode", metavar="swappable|merged", help="As for build."),
     as_json: bool = _json_option("the memory plan"),
 ):
     """Will the model fit the target's memory? Exit 2 with what would fit if it does not."""
     from rich.table import Table
 
+    from .build import task_bytes
     from .model import check_config_dir
     from .plan import check_fits, plan_memory
     from .target import load_target, parse_precision_overrides
+    from .tasks import load_bank
 
     config = check_config_dir(base)
     prof = load_target(target).with_precision(parse_precision_overrides(precision))
-    memory = plan_memory(config, prof, context=context)
+    _, tasks = load_bank(adapter, lora_mode=lora_mode)
+    per_task = task_bytes(tasks, config, prof)
+    memory = plan_memory(config, prof, context=context, adapter_bytes=sum(per_task.values()))
     if as_json:
-        _print_json(memory.to_dict())
+        _print_json({**memory.to_dict(), "task_bytes": per_task})
         if not memory.fits:  # the plan (fits: false) is the JSON; the reason goes to stderr
             try:
                 check_fits(memory, config, prof)
@@ -638,7 +646,7 @@ def plan(
         table.add_row(f"weights {part} ({memory.precision[part]})", f"{gib:.2f}")
     table.add_row(f"KV cache (context {memory.context}, batch {memory.batch})", f"{memory.kv_cache_gib:.2f}")
     table.add_row("activations (peak, estimate)", f"{memory.activations_gib:.2f}")
-    table.add_row("adapter packs", f"{memory.adapters_gib:.2f}")
+    table.add_row(f"adapter packs ({len(per_task)} tasks)" if per_task else "adapter packs", f"{memory.adapters_gib:.2f}")
     table.add_row("runtime overhead", f"{memory.overhead_gib:.2f}")
     table.add_row("[bold]total[/]", f"[bold]{memory.total_gib:.2f}[/]")
     table.add_row("usable on target", "-" if memory.usable_gib is None else f"{memory.usable_gib:.2f}")
@@ -848,10 +856,10 @@ def fixture_lora(
     as_json: bool = _json_option("{kind, path}"),
 ):
     """A PEFT LoRA (vision, projector, language) with non-zero weights for BASE."""
-    from .fixture import make_lora
+    from .fixture_family import adapter_maker
 
     dest = _one_output(out_dir, output)
-    make_lora(base, dest, seed, scale=scale)
+    adapter_maker(base, "lora")(base, dest, seed, scale=scale)
     if as_json:
         _print_json({"kind": "lora", "path": str(dest)})
     else:
@@ -868,10 +876,10 @@ def fixture_bitfit(
     as_json: bool = _json_option("{kind, path}"),
 ):
     """A BitFit bias dump for BASE."""
-    from .fixture import make_bitfit
+    from .fixture_family import adapter_maker
 
     dest = _one_output(out_file, output)
-    make_bitfit(base, dest, seed)
+    adapter_maker(base, "bitfit")(base, dest, seed)
     if as_json:
         _print_json({"kind": "bitfit", "path": str(dest)})
     else:
@@ -932,6 +940,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # ONNX Runtime warns, once per session, about every slot input that has a default ("initializer appears in
+    # graph inputs"): those inputs are fed at run time by design. Its errors still show.
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
     app()
 
 

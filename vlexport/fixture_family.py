@@ -190,3 +190,60 @@ def make_llava_onevision(out_dir: str | Path, preset: str = "tiny", seed: int = 
         "processor_class": "LlavaOnevisionProcessor", "vision_aspect_ratio": "anyres_max_9",
         "vision_feature_select_strategy": "full"}, indent=2) + "\n")
     return out
+
+
+def load_family_model(base_dir: str | Path):
+    """The fixture directory's own transformers class (LlavaNext / LlavaOnevision ForConditionalGeneration)."""
+    from .model import model_class
+
+    return model_class(json.loads((Path(base_dir) / "config.json").read_text())).from_pretrained(str(base_dir))
+
+
+def make_family_lora(base_dir: str | Path, out_dir: str | Path, seed: int = 1, scale: float = 0.1, **options) -> Path:
+    """vlexport.fixture.make_lora on a LLaVA-NeXT / OneVision base: PEFT over the vision tower, projector and
+    language model (the module names are LLaVA-1.5's: model.vision_tower, model.multi_modal_projector,
+    model.language_model), trained-looking values."""
+    from peft import LoraConfig, get_peft_model
+
+    from .fixture import LORA_TARGETS, _randomize
+
+    config = dict(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+    config.update(options)
+    peft_model = get_peft_model(load_family_model(base_dir), LoraConfig(**config))
+    _randomize(peft_model, seed, scale)
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def make_family_bitfit(base_dir: str | Path, out_file: str | Path, seed: int = 2) -> Path:
+    """vlexport.fixture.make_bitfit on a LLaVA-NeXT / OneVision base: trained biases of the vision tower and
+    projector (SigLIP's too), the language model's own biases where it has them (Qwen2's q/k/v), and new biases on
+    the o_proj / down_proj linears that have none."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = load_family_model(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") and ("vision_tower" in name or "multi_modal_projector" in name
+                                       or ("language_model" in name and "self_attn" in name)):
+            state[name] = p.detach() + 0.05 * torch.randn(p.shape, generator=g)
+    for name, mod in model.named_modules():
+        if name.endswith(("self_attn.o_proj", "mlp.down_proj")) and "language_model" in name:
+            state[name + ".bias"] = 0.05 * torch.randn(mod.weight.shape[0], generator=g)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+    return Path(out_file)
+
+
+def adapter_maker(base_dir: str | Path, kind: str):
+    """`vlexport fixture lora|bitfit BASE`: vlexport.fixture's maker for a LLaVA-1.5 base, this module's for a
+    LLaVA-NeXT / OneVision one (their transformers class)."""
+    from . import fixture
+
+    cfg = Path(base_dir) / "config.json"
+    family = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else "llava"
+    if family in ("llava_next", "llava_onevision"):
+        return {"lora": make_family_lora, "bitfit": make_family_bitfit}[kind]
+    return {"lora": fixture.make_lora, "bitfit": fixture.make_bitfit}[kind]

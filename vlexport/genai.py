@@ -239,6 +239,8 @@ def write_genai_files(bundle_dir: Path, manifest: dict) -> list[str]:
     og.Model(bundle_dir) needs genai_config.json only. og.Tokenizer and Model.create_multimodal_processor() also
     open tokenizer_config.json, and the multimodal processor opens processor_config.json."""
     bundle_dir = Path(bundle_dir)
+    if manifest["model"].get("anyres"):
+        return []  # ANYRES_UNSUPPORTED: open_model refuses such a bundle by name
     config = genai_config(bundle_dir, manifest)
     files = {GENAI_CONFIG: config, PROCESSOR_CONFIG: _processor_config(manifest)}
     if not (bundle_dir / TOKENIZER_CONFIG).exists():
@@ -249,6 +251,12 @@ def write_genai_files(bundle_dir: Path, manifest: dict) -> list[str]:
 
 
 GENAI_SECTIONS = {"decoder": "decoder", "embed": "embedding", "vision": "vision"}
+ANYRES_UNSUPPORTED = (
+    "LLaVA-NeXT bundles do not run in onnxruntime-genai: the number of image tokens depends on each image's size, "
+    "where ORT-GenAI 0.18 takes one fixed vision.num_visual_tokens, and the vision part packs the tiles with "
+    "pack_index / pack_weight inputs that ORT-GenAI's multimodal pipeline does not feed; run the bundle with "
+    "vlexport's runtime (vlexport run, or vlexport.load in Python)"
+)
 PREFIX_UNSUPPORTED = (
     "prefix tuning needs generation to start from a KV prefix with positions shifted by the prefix length; "
     "onnxruntime-genai 0.18 starts every generator from an empty cache, and its adapter API does not reach the "
@@ -284,6 +292,9 @@ def write_task_files(bundle_dir: Path, manifest: dict) -> dict:
     bundle_dir = Path(bundle_dir)
     out: dict = {}
     for name, task in (manifest.get("tasks") or {}).items():
+        if manifest["model"].get("anyres"):
+            out[name] = {"unsupported": ANYRES_UNSUPPORTED}
+            continue
         if task.get("prefix_tokens"):
             out[name] = {"unsupported": PREFIX_UNSUPPORTED}
             continue
@@ -313,6 +324,8 @@ def open_model(bundle_dir: str | Path, task: str | None = None):
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    if manifest["model"].get("anyres"):
+        raise VlexportError(f"bundle '{bundle_dir}': {ANYRES_UNSUPPORTED}")
     if task is None:
         return og.Model(str(bundle_dir))
     entry = (manifest.get("onnxruntime_genai") or {}).get("tasks", {}).get(task)

@@ -6,11 +6,16 @@ group stacks its layers (1 for lm_head and the projector) and feeds, per group:
   a [L, N, in, r]    = lora_A^T
   b [L, N, r, out]   = (scaling * lora_B)^T  (scaling, rsLoRA and rank/alpha patterns folded in at build)
   scale [L, N, out]  = DoRA's m / ||W + s B A|| per output (only in groups some task trains with DoRA; 1 elsewhere)
-and the graph computes y = (x W^T + (x a) b) * scale + bias. The rank r is a dynamic dimension (0 = no adapter), one
-per part: every group of a feed has the same r (one_rank), and a task whose ranks differ across layers or modules
-is zero-padded to its largest, which adds exactly nothing. N is the batch's row
-count (row i uses its own adapter: mixed batches); the ORT-native decoder also takes N = 1 (every row the same),
-broadcast by MatMul, where the portable graphs exported by torch need the rows repeated (export/onnx.py).
+  in_scale [L, N, in]   = IA3's feedforward vector, on the linear's input (only in groups some task's IA3 puts one)
+  out_scale [L, N, out] = IA3's vector on the linear's output, bias included, as PEFT scales base_layer(x)
+and the graph computes, with x' = x * in_scale, y = ((x' W^T + (x' a) b) * scale + bias) * out_scale ("no adapter":
+rank 0, every scale 1). PEFT's VeRA (a = A^T diag(lambda_d), b = B^T diag(lambda_b)) and AdaLoRA after its final
+rank allocation (a = (diag(E) A)^T, b = (scaling / ranknum * B)^T) feed a and b as a LoRA does
+(adapters/peft_methods.py). The rank r is a dynamic dimension (0 = no adapter), one per part: every group of a feed
+has the same r (one_rank), and a task whose ranks differ across layers or modules is zero-padded to its largest,
+which adds exactly nothing. N is the batch's row count (row i uses its own adapter: mixed batches); the ORT-native
+decoder also takes N = 1 (every row the same), broadcast by MatMul, where the portable graphs exported by torch need
+the rows repeated (export/onnx.py).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import numpy as np
 
 from . import slots
 
-FIELDS = ("a", "b", "scale")
+FIELDS = ("a", "b", "scale", "in_scale", "out_scale")
+# Fields a group has only where some task needs them; the group's geometry flag of the same name says so.
+OPTIONAL = ("scale", "in_scale", "out_scale")
 
 # transformers 5 module name -> (part, group, layer index): the linears a LoRA slot can sit on.
 _PATTERNS = (
@@ -46,14 +53,22 @@ def locate(module: str) -> tuple[str, str, int] | None:
     return None
 
 
-def input_names(part: str, group: str, scale: bool) -> list[str]:
-    return [f"{part}_lora.{group}.{f}" for f in FIELDS if f != "scale" or scale]
+def input_names(part: str, group: str, spec) -> list[str]:
+    """The group's inputs; spec is its geometry (the OPTIONAL flags; a manifest written before in_scale/out_scale
+    lacks them: absent = False), or a bool, DoRA's scale alone."""
+    flags = {"scale": spec} if isinstance(spec, bool) else spec
+    return [f"{part}_lora.{group}.{f}" for f in FIELDS if f not in OPTIONAL or flags.get(f)]
 
 
 def part_input_names(geometry: dict, part: str) -> list[str]:
     """Every LoRA input of a part, in graph order (groups sorted by name)."""
     groups = geometry.get(part) or {}
-    return [n for g in sorted(groups) for n in input_names(part, g, groups[g]["scale"])]
+    return [n for g in sorted(groups) for n in input_names(part, g, groups[g])]
+
+
+def _scale_dims(g: dict) -> dict[str, int]:
+    """{optional field: its width} for the optional fields the group has."""
+    return {f: g["in"] if f == "in_scale" else g["out"] for f in OPTIONAL if g.get(f)}
 
 
 def empty_feed(geometry: dict, part: str) -> dict[str, np.ndarray]:
@@ -63,8 +78,8 @@ def empty_feed(geometry: dict, part: str) -> dict[str, np.ndarray]:
         layers, dim_in, dim_out = g["layers"], g["in"], g["out"]
         feed[f"{part}_lora.{group}.a"] = np.zeros((layers, 1, dim_in, 0), np.float32)
         feed[f"{part}_lora.{group}.b"] = np.zeros((layers, 1, 0, dim_out), np.float32)
-        if g["scale"]:
-            feed[f"{part}_lora.{group}.scale"] = np.ones((layers, 1, dim_out), np.float32)
+        for f, width in _scale_dims(g).items():
+            feed[f"{part}_lora.{group}.{f}"] = np.ones((layers, 1, width), np.float32)
     return feed
 
 
@@ -147,6 +162,6 @@ def sample_feed(geometry: dict, part: str, rank: int, rng: np.random.Generator, 
         layers, dim_in, dim_out = g["layers"], g["in"], g["out"]
         feed[f"{part}_lora.{group}.a"] = (0.1 * rng.standard_normal((layers, rows, dim_in, rank))).astype(np.float32)
         feed[f"{part}_lora.{group}.b"] = (0.1 * rng.standard_normal((layers, rows, rank, dim_out))).astype(np.float32)
-        if g["scale"]:
-            feed[f"{part}_lora.{group}.scale"] = (1 + 0.1 * rng.standard_normal((layers, rows, dim_out))).astype(np.float32)
+        for f, width in _scale_dims(g).items():
+            feed[f"{part}_lora.{group}.{f}"] = (1 + 0.1 * rng.standard_normal((layers, rows, width))).astype(np.float32)
     return feed

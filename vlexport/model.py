@@ -32,6 +32,10 @@ class LlavaFacts:
     bos_token_id: int | None
     pad_token_id: int | None
     max_position_embeddings: int
+    model_type: str = "llava"
+    # LLaVA-NeXT's any-resolution geometry (vlexport.anyres.AnyResGeometry); None for LLaVA-1.5. Then
+    # num_image_tokens is one tile's features, and an image's count depends on its size (AnyResGeometry).
+    anyres: object = None
 
 
 def check_base_dir(base: Path) -> dict:
@@ -93,18 +97,40 @@ def check_config_dir(base: Path) -> dict:
     if not cfg_path.exists():
         raise VlexportError(f"--base '{base}' has no config.json; pass a Hugging Face LLaVA directory")
     config = read_json(cfg_path)
-    if config.get("model_type") != "llava":
+    if config.get("model_type") == "llava_onevision":
+        raise VlexportError(
+            f"--base '{base}' is a LLaVA-OneVision model (model_type 'llava_onevision'): vlexport preprocesses and "
+            "makes fixtures of it (vlexport fixture llava-onevision) but does not export it yet; use a 'llava' "
+            "(1.5) or 'llava_next' (1.6) base"
+        )
+    if config.get("model_type") not in MODEL_TYPES:
         raise VlexportError(
             f"--base '{base}' is a '{config.get('model_type')}' model, not LLaVA (config.json model_type must be "
-            "'llava'); vlexport exports llava-hf style checkpoints"
+            f"one of {', '.join(repr(t) for t in MODEL_TYPES)}); vlexport exports llava-hf style checkpoints"
         )
     return config
 
 
-def facts_from_config(config: dict) -> LlavaFacts:
-    from transformers import LlavaConfig
+# model_type -> (transformers config class, model class): LLaVA-1.5 and LLaVA-NeXT (1.6, any-resolution).
+MODEL_TYPES = {
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
+}
 
-    cfg = LlavaConfig(**{k: v for k, v in config.items() if k not in ("transformers_version", "architectures")})
+
+def model_class(config: dict):
+    """The transformers class that loads a base of this config.json (dict)."""
+    import transformers
+
+    return getattr(transformers, MODEL_TYPES.get(config.get("model_type"), MODEL_TYPES["llava"])[1])
+
+
+def facts_from_config(config: dict) -> LlavaFacts:
+    import transformers
+
+    model_type = config.get("model_type", "llava")
+    config_class = getattr(transformers, MODEL_TYPES.get(model_type, MODEL_TYPES["llava"])[0])
+    cfg = config_class(**{k: v for k, v in config.items() if k not in ("transformers_version", "architectures")})
     text, vision = cfg.text_config, cfg.vision_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     n_patches = (vision.image_size // vision.patch_size) ** 2
@@ -126,7 +152,15 @@ def facts_from_config(config: dict) -> LlavaFacts:
         bos_token_id=text.bos_token_id,
         pad_token_id=text.pad_token_id,
         max_position_embeddings=text.max_position_embeddings,
+        model_type=model_type,
+        anyres=_anyres_geometry(config) if model_type == "llava_next" else None,
     )
+
+
+def _anyres_geometry(config: dict):
+    from .anyres import AnyResGeometry
+
+    return AnyResGeometry.from_config(config)
 
 
 # transformers' attention implementation to export with, by dtype. "eager" exports as MatMul/Softmax/MatMul with
@@ -146,14 +180,14 @@ def load_llava(base: Path, num_text_layers: int | None = None, dtype: str = "flo
     """
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
-    check_base_dir(base)
+    model_cls = model_class(check_base_dir(base))
     try:
         config = AutoConfig.from_pretrained(str(base))
         if num_text_layers is not None:
             config.text_config.num_hidden_layers = num_text_layers
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = model_cls.from_pretrained(
             str(base), config=config, dtype=getattr(torch, dtype), attn_implementation=attention
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:

@@ -42,7 +42,8 @@ def parameter_counts(config: dict) -> dict[str, int]:
     per_layer = (ht * q_dim + q_dim * bias) + 2 * (ht * kv_dim + kv_dim * bias) + (q_dim * ht) + 3 * ht * it + 2 * ht
     decoder = facts.num_layers * per_layer + ht + facts.vocab_size * ht  # + final norm + lm_head
     embed = facts.vocab_size * ht
-    return {"vision": vision + projector, "embed": embed, "decoder": decoder}
+    newline = ht if facts.anyres is not None else 0  # LLaVA-NeXT's image_newline, in the vision part's graph
+    return {"vision": vision + projector + newline, "embed": embed, "decoder": decoder}
 
 
 @dataclass
@@ -117,6 +118,8 @@ def plan_memory(config: dict, target: Target, precision: dict | None = None, con
                        + 4 * prompt * max(it, facts.hidden_size) * act_bytes)
     v = config["vision_config"]
     images = batch * target.shapes["images"][2]
+    if facts.anyres is not None:  # LLaVA-NeXT: the tower runs on every tile of an image, the worst case planned
+        images *= facts.anyres.max_tiles()
     n_tok = (v.get("image_size", 224) // v.get("patch_size", 14)) ** 2 + 1
     vision_peak = images * (v.get("num_attention_heads", 16) * n_tok * n_tok + 4 * n_tok * v["intermediate_size"]) * (
         4.0 if precision["vision"] == "fp32" else 2.0)
@@ -126,6 +129,11 @@ def plan_memory(config: dict, target: Target, precision: dict | None = None, con
         overhead_gib=target.runtime_overhead_gb, usable_gib=target.usable_memory_gb, context=context, batch=batch,
     )
     plan.notes.append("weights counted exactly from the architecture; activations are an upper estimate")
+    if facts.anyres is not None:
+        worst, size = facts.anyres.max_image_tokens()
+        plan.notes.append(f"LLaVA-NeXT any-resolution: up to {facts.anyres.max_tiles()} tiles per image in the vision "
+                          f"tower, up to {worst} image tokens per image (e.g. {size[1]} x {size[0]} px); prompts of "
+                          f"shapes.prompt_tokens must hold them")
     factors = {p: target.resident_factor(p) for p in set(precision.values()) if target.resident_factor(p) != 1.0}
     if factors:
         plan.notes.append("weights include what the backend holds per weight byte, measured for this target: "

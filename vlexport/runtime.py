@@ -264,6 +264,8 @@ class Bundle:
         self.image_token = m["tokenizer"]["image_token"]
         self.image_token_id = model["image_token_id"]
         self.num_image_tokens = model["num_image_tokens"]
+        # LLaVA-NeXT: an image's token count depends on its size (vlexport/anyres.py); None for LLaVA-1.5.
+        self.anyres = _anyres(model.get("anyres"), self.image_spec)
         self.eos_ids = set(m["generation"]["eos_token_ids"])
         self.num_layers, self.num_kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
         self.hidden_size = model["hidden_size"]
@@ -304,14 +306,33 @@ class Bundle:
         tok = self.manifest["tokenizer"]
         return render_chat_prompt(self.chat_template, prompt, tok.get("bos_token"), tok.get("eos_token"))
 
-    def encode(self, text: str) -> list[int]:
+    def image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """How many image tokens the prompt's one placeholder expands to (image_size (height, width): any-res)."""
+        if self.anyres is None:
+            return self.num_image_tokens
+        if image_size is None:
+            raise VlexportError(f"bundle '{self.path}' is LLaVA-NeXT: an image's token count depends on its size, "
+                                "so give the image (its size) with the prompt")
+        return self.anyres[0].num_image_tokens(tuple(image_size))
+
+    def image_size_of(self, image) -> tuple[int, int] | None:
+        """(height, width) of an image (path or PIL) for any-res bundles; None for LLaVA-1.5 (not needed)."""
+        if self.anyres is None or image is None:
+            return None
+        if isinstance(image, (str, Path)):
+            image = open_image(image)
+        if isinstance(image, np.ndarray):
+            return int(image.shape[0]), int(image.shape[1])
+        return int(image.height), int(image.width)
+
+    def encode(self, text: str, image_size: tuple[int, int] | None = None) -> list[int]:
         n = text.count(self.image_token)
         if n != 1:
             raise VlexportError(
                 f"the prompt must contain exactly one '{self.image_token}' placeholder for the image (found {n}); "
                 "use --prompt to have the chat template add it"
             )
-        return self.tokenizer.encode(expand_image_tokens(text, self.image_token, self.num_image_tokens)).ids
+        return self.tokenizer.encode(expand_image_tokens(text, self.image_token, self.image_tokens(image_size))).ids
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int, task: str | None = None) -> None:
         """Refuse a request whose prompt (image tokens included) plus max_new_tokens does not fit the bundle: its
@@ -342,18 +363,32 @@ class Bundle:
 
     # -- image ------------------------------------------------------------------------------------------------
     def pixel_values(self, image) -> np.ndarray:
+        """[1,3,S,S]; any-res bundles: the tiles [N,3,S,S], the global view first (N depends on the image)."""
         if isinstance(image, (str, Path)):
             image = open_image(image)
+        if self.anyres is not None:
+            from .anyres import preprocess_anyres
+
+            return preprocess_anyres(image, self.anyres[1])[0]
         return preprocess_image(image, self.image_spec)[None]
 
     def runner(self, part: str, task: str | None):
         task = self.resolve_task(task)
         return self._task_runners.get(task, {}).get(part) or self.runners[part]
 
-    def image_features(self, pixel_values: np.ndarray, task: str | None = None) -> np.ndarray:
+    def image_features(self, pixel_values: np.ndarray, task: str | None = None,
+                       image_size: tuple[int, int] | None = None) -> np.ndarray:
         # The vision graph is portable: one row of slot inputs per image (lora_slots.py).
         feed = {"pixel_values": pixel_values,
                 **lora_slots.repeat_rows(self.slot_feed("vision", task), pixel_values.shape[0])}
+        if self.anyres is not None:  # LLaVA-NeXT: the graph packs the tiles' features by this plan (export/parts.py)
+            from .anyres import pack_plan
+
+            if image_size is None:
+                raise VlexportError(f"bundle '{self.path}' is LLaVA-NeXT: image_features needs the image's size "
+                                    "(height, width) to pack its tiles' features")
+            feed["pack_index"], feed["pack_weight"] = pack_plan(tuple(image_size), self.anyres[0],
+                                                                num_tiles=pixel_values.shape[0])
         return self.runner("vision", task).infer(feed)["image_features"]
 
     def resolve_task(self, task: str | None) -> str | None:
@@ -498,16 +533,17 @@ class Bundle:
             rows.append(self.step(state, [token])[0])
         return np.stack(rows)
 
-    def prepare(self, prompt: str | None, raw_prompt: str | None, max_new_tokens: int, task: str | None) -> list[int]:
+    def prepare(self, prompt: str | None, raw_prompt: str | None, max_new_tokens: int, task: str | None,
+                image_size: tuple[int, int] | None = None) -> list[int]:
         """The prompt's token ids for one request, every check made before the image is read or a cache
         allocated."""
         if (prompt is None) == (raw_prompt is None):
             raise VlexportError("give exactly one of --prompt (chat template applied) or --raw-prompt (used verbatim)")
         self.resolve_task(task)
         text = self.chat_prompt(prompt) if prompt is not None else raw_prompt
-        ids = self.encode(text)
+        ids = self.encode(text, image_size)
         self.check_context(len(ids), max_new_tokens, task)
-        self.check_image_tokens(ids)
+        self.check_image_tokens(ids, None if image_size is None else self.image_tokens(image_size))
         return ids
 
     def check_image_tokens(self, ids: list[int], n_features: int | None = None) -> None:
@@ -522,7 +558,7 @@ class Bundle:
             )
 
     def features_for(self, image, ids: list[int], task: str | None) -> np.ndarray:
-        features = self.image_features(self.pixel_values(image), task)
+        features = self.image_features(self.pixel_values(image), task, self.image_size_of(image))
         self.check_image_tokens(ids, features.shape[0])
         return features
 
@@ -539,10 +575,13 @@ class Bundle:
     ) -> Generation:
         check_sampling(max_new_tokens, temperature, top_p)
         t0 = time.perf_counter()
-        ids = self.prepare(prompt, raw_prompt, max_new_tokens, task)
+        if self.anyres is not None:  # the prompt's image tokens depend on the image's size: read it first
+            image = open_image(image) if isinstance(image, (str, Path)) else image
+        size = self.image_size_of(image)
+        ids = self.prepare(prompt, raw_prompt, max_new_tokens, task, size)
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
-        features = self.image_features(pixels, task)
+        features = self.image_features(pixels, task, size)
         self.check_image_tokens(ids, features.shape[0])
         t2 = time.perf_counter()
         rng = np.random.default_rng(seed)
@@ -581,8 +620,12 @@ class Bundle:
                 raise VlexportError(f"request {i + 1}: expected a vlexport.Request, got {type(r).__name__}")
             try:
                 check_sampling(r.max_new_tokens, 0.0, 1.0)
-                ids = self.prepare(r.prompt, r.raw_prompt, r.max_new_tokens, r.task)
-                image = open_image(r.image) if isinstance(r.image, (str, Path)) else r.image  # read before any runs
+                image = None
+                if self.anyres is not None:  # its size sets the prompt's image tokens
+                    image = open_image(r.image) if isinstance(r.image, (str, Path)) else r.image
+                ids = self.prepare(r.prompt, r.raw_prompt, r.max_new_tokens, r.task, self.image_size_of(image))
+                if image is None:
+                    image = open_image(r.image) if isinstance(r.image, (str, Path)) else r.image  # read before any runs
             except VlexportError as e:
                 raise VlexportError(f"request {i + 1}: {e}") from None
             prepared.append((i, ids, self.resolve_task(r.task), image))
@@ -604,6 +647,7 @@ class Bundle:
         for i, ids, task, image in members:
             features = self.features_for(image, ids, task)
             state = self.prefill(ids, features, task, into=state, capacity=capacity, rows=len(members))
+        t1 = time.perf_counter()
         active = list(members)
         new = {i: [] for i, *_ in members}
         while active:
@@ -618,10 +662,11 @@ class Bundle:
             state.keep(keep)
             active = [active[k] for k in keep]
             self.step(state, [tokens[k] for k in keep])
-        seconds = time.perf_counter() - t0
+        t2 = time.perf_counter()
         for i, ids, task, _ in members:
             results[i] = Generation(text=self.decode(new[i]), token_ids=new[i], prompt_ids=ids,
-                                    timings={"batch_rows": len(members), "batch_ms": 1000 * seconds,
+                                    timings={"batch_rows": len(members), "batch_ms": 1000 * (t2 - t0),
+                                             "batch_prefill_ms": 1000 * (t1 - t0), "batch_decode_ms": 1000 * (t2 - t1),
                                              "prompt_tokens": len(ids), "new_tokens": len(new[i]), "task": task})
 
 
@@ -648,6 +693,18 @@ def check_sampling(max_new_tokens, temperature, top_p) -> None:
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise VlexportError(f"--top-p {top_p:g} is outside (0, 1]: it is the probability mass sampled from (1 = all "
                             "tokens; 0 would keep no token); give a --top-p in (0, 1]")
+
+
+def _anyres(entry: dict | None, tile_spec: ImageSpec):
+    """(AnyResGeometry, AnyResSpec) from the manifest's model.anyres, or None (LLaVA-1.5)."""
+    if not entry:
+        return None
+    from .anyres import AnyResGeometry, AnyResSpec
+
+    pinpoints = tuple(tuple(int(v) for v in p) for p in entry["grid_pinpoints"])
+    geometry = AnyResGeometry(entry["family"], pinpoints, int(entry["tile"]), int(entry["patch"]),
+                              newline=bool(entry.get("newline", True)))
+    return geometry, AnyResSpec(entry["family"], tile_spec, pinpoints, int(entry["tile"]), tuple(entry["base_hw"]))
 
 
 def _load_pack(path: Path) -> dict:

@@ -2,10 +2,11 @@
 
 LoRA and BitFit without a name merge into the one base graph. Adapters fed at run time become a task's pack:
 `packs/<task>.safetensors`, selected per request, so switching tasks never touches the base. They are prefix
-tuning, bottleneck adapters (slots.py) and, with --lora-mode swappable (the default), a named task's LoRA
-(lora_slots.py). A LoRA no slot can serve (LoraAdapter.slot_reason) and a named BitFit or PEFT method are merged into
-copies of the parts they change, for that task alone. An unnamed run-time adapter becomes the task 'default', which
-the runtime uses when no task is asked for.
+tuning, bottleneck adapters (slots.py) and, with --lora-mode swappable (the default), a named task's LoRA, IA3, VeRA
+or AdaLoRA (lora_slots.py). A LoRA or PEFT method no slot can serve (slot_reason), a named BitFit, and every LoRA/PEFT
+adapter of a task whose adapters would not compose in the slots are merged into copies of the parts they change, for
+that task alone. An unnamed run-time adapter becomes the task 'default', which the runtime uses when no task is asked
+for.
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ def load_bank(specs: list[str | Path], adapter_kind: str | None = None, lora_alp
         if adapter.kind in MERGEABLE and name is None:
             merged.append(adapter)
             continue
-        if adapter.kind == "lora" and lora_mode == "swappable":
+        if adapter.kind in ("lora", "peft") and lora_mode == "swappable":
             reason = adapter.slot_reason()
             adapter.swappable = reason is None
             if reason and log:
-                log(f"task {name}: LoRA '{path}' is merged into copies of its parts ({reason})")
+                what = "LoRA" if adapter.kind == "lora" else adapter.type_name
+                log(f"task {name}: {what} '{path}' is merged into copies of its parts ({reason})")
         tasks.setdefault(name or DEFAULT_TASK, []).append(adapter)
     for name, adapters in tasks.items():
+        _merge_if_not_composable(name, adapters, log)
         prefixes = [a for a in adapters if a.kind == "prefix"]
         if len(prefixes) > 1:
             raise VlexportError(f"task '{name}' has {len(prefixes)} prefix adapters; a task takes one prefix")
@@ -70,6 +73,24 @@ def load_bank(specs: list[str | Path], adapter_kind: str | None = None, lora_alp
                 raise VlexportError(f"task '{name}' has {parts.count(part)} bottleneck adapters for the {part} tower; "
                                     "a task takes one per tower")
     return merged, tasks
+
+
+def _merge_if_not_composable(name: str, adapters: list, log) -> None:
+    """A task's LoRA/PEFT adapters apply in the order given (the reference nests them so). Slots sum the additive
+    ones (LoRA, VeRA, AdaLoRA: any order gives the same sum); IA3 and DoRA scale, and a merged adapter sits under
+    every slot whatever its place, so a task holding a PEFT method next to other LoRA/PEFT adapters, one of them IA3,
+    DoRA or merged, is merged whole, in order. (Several LoRAs alone with a DoRA among them stay refused by
+    lora_packs, as before.)"""
+    weights = [a for a in adapters if a.kind in ("lora", "peft")]
+    if len(weights) < 2 or not any(a.kind == "peft" for a in weights) or not any(a.swappable for a in weights):
+        return
+    if all(a.swappable and (a.additive if a.kind == "peft" else not a.describe()["dora"]) for a in weights):
+        return
+    for a in weights:
+        a.swappable = False
+    if log:
+        log(f"task {name}: its {len(weights)} LoRA/PEFT adapters are merged into copies of its parts (IA3, or an "
+            "adapter with no slot form, does not compose with the others in slots, nor does a DoRA)")
 
 
 def slot_geometry(tasks: dict, facts, vision_layers: int, vision_dim: int) -> dict:
@@ -88,8 +109,12 @@ def merged_here(adapter) -> bool:
 
 
 def lora_geometry(tasks: dict, model, layers: dict) -> dict:
-    """lora_slots geometry {part: {group: {layers, in, out, scale}}}: every group some task's swappable LoRA feeds.
-    layers: {part: layer count} of the part's stacked groups (the CLIP layers the vision part runs)."""
+    """lora_slots geometry {part: {group: {layers, in, out, scale[, in_scale, out_scale]}}}: every group some task's
+    swappable LoRA or PEFT method feeds. layers: {part: layer count} of the part's stacked groups (the CLIP layers
+    the vision part runs). in_scale/out_scale appear only in a part where some task's IA3 feeds them, so a LoRA-only
+    bank keeps its geometry and inputs as before."""
+    from .lora_slots import OPTIONAL
+
     geometry: dict = {}
     for adapters in tasks.values():
         for a in adapters:
@@ -98,14 +123,18 @@ def lora_geometry(tasks: dict, model, layers: dict) -> dict:
             for part, groups in a.slot_groups(model).items():
                 for group, spec in groups.items():
                     have = geometry.setdefault(part, {}).setdefault(
-                        group, {**spec, "layers": layers[part] if group.startswith("layers.") else 1})
-                    have["scale"] = have["scale"] or spec["scale"]
+                        group, {"in": spec["in"], "out": spec["out"], "scale": False,
+                                "layers": layers[part] if group.startswith("layers.") else 1})
+                    for flag in OPTIONAL:
+                        if spec.get(flag) or have.get(flag):
+                            have[flag] = True
     return {part: dict(sorted(groups.items())) for part, groups in sorted(geometry.items())}
 
 
 def lora_packs(tasks: dict, model, geometry: dict) -> dict:
-    """{task: LoRA slot tensors} for the tasks with a swappable LoRA (several LoRAs on one task add up: their
-    ranks concatenate, which is their sum exactly; DoRA's scale does not compose, so one DoRA LoRA per task)."""
+    """{task: LoRA slot tensors} for the tasks with a swappable LoRA or PEFT method (several on one task add up:
+    their ranks concatenate, which is their sum exactly; DoRA's scale does not compose, so one DoRA LoRA per task,
+    and an IA3 is alone on its task: load_bank merges it otherwise)."""
     from .lora_slots import rank_axis
 
     packs = {}
@@ -113,13 +142,13 @@ def lora_packs(tasks: dict, model, geometry: dict) -> dict:
         loras = [a for a in adapters if getattr(a, "swappable", False)]
         if not loras:
             continue
-        if len(loras) > 1 and any(a.describe()["dora"] for a in loras):
+        if len(loras) > 1 and any(a.describe().get("dora") for a in loras):
             raise VlexportError(f"task '{name}' has {len(loras)} LoRAs and one of them is a DoRA: DoRA's magnitude "
                                 "does not compose with another LoRA on the same task; give each its own task")
         tensors: dict = {}
         for a in loras:
             for key, value in a.slot_tensors(model, geometry).items():
-                if key in tensors and not key.endswith(".scale"):
+                if key in tensors and rank_axis(key) is not None:
                     value = np.concatenate([tensors[key], value], axis=rank_axis(key))
                 tensors[key] = value
         packs[name] = tensors

@@ -55,6 +55,11 @@ _REFUSED_OPTIONS = {
 }
 # init_*_weights values that mutate the base weights during training.
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "eva")
+# Types whose unmerged forward is exactly a LoRA slot (lora_slots.py), with each module's own tensors (leaf names
+# after the module's name) and the tensors shared by all modules: a named task of these is fed at run time.
+SLOT_TENSORS = {"IA3": ({"ia3_l"}, set()), "VERA": ({"vera_lambda_b", "vera_lambda_d"}, {"vera_A", "vera_B"}),
+                "ADALORA": ({"lora_A", "lora_B", "lora_E"}, set())}
+_SLOT_ADAPTER = "vlexport_slot"  # the adapter name PEFT's layers hold the weights under while they are read
 
 
 @dataclass
@@ -67,6 +72,9 @@ class PeftMethodAdapter:
     modules: list[str] = field(default_factory=list)  # transformers 5 names of the adapted modules
     source_keys: dict = field(default_factory=dict)  # rewritten key -> key in the file, for messages
     kind: str = "peft"
+    swappable: bool = False  # a named task fed through LoRA slots (tasks.load_bank), not merged
+    # (id of the model, {module: slot form}) read once from PEFT's layers (slot_forms)
+    _slot_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def sha256(self) -> str:
@@ -93,8 +101,157 @@ class PeftMethodAdapter:
             "bytes": int(sum(t.numel() * t.element_size() for t in self.state.values())),
             # every module a tensor belongs to: modules_to_save (e.g. lm_head) changes its part though it is no target
             "parts": sorted({part_of(m) for m in (_module_of(k, self.peft_type) for k in self.state) if m}),
-            "merged": True,
+            "ranks": self._ranks(),
+            "merged": not self.swappable,
+            **({"slots": "lora"} if self.swappable else {}),
         }
+
+    # -- slots (swappable forms) ----------------------------------------------------------------------------------
+    @property
+    def additive(self) -> bool:
+        """Whether the slot form only adds x a b (VeRA, AdaLoRA), so that it sums with another task adapter's in
+        any order; IA3 multiplies."""
+        return self.peft_type != "IA3"
+
+    def _own_tensors(self, module: str) -> dict:
+        """{leaf name: tensor} of one module's own tensors."""
+        head = f"{PEFT_PREFIX}{module}."
+        return {k[len(head):]: v for k, v in self.state.items() if k.startswith(head)}
+
+    def _ranks(self) -> list[int]:
+        """The LoRA slot ranks this adapter feeds (IA3: none, it feeds scales only)."""
+        if self.peft_type == "VERA":
+            return sorted({int(t.shape[0]) for k, t in self.state.items() if k.endswith(".vera_lambda_d")})
+        if self.peft_type == "ADALORA":
+            return sorted({int(t.shape[0]) for k, t in self.state.items() if k.endswith(".lora_A")})
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        """The task's slot tensors at fp32: IA3's vectors; a and b of each module for VeRA (with the shared A's full
+        width as `in`, an upper bound) and AdaLoRA."""
+        total = 0
+        for m in self.modules:
+            own = self._own_tensors(m)
+            if self.peft_type == "IA3":
+                total += own["ia3_l"].numel()
+            elif self.peft_type == "VERA":
+                width = next((int(t.shape[1]) for k, t in self.state.items() if k.endswith("vera_A")), 0)
+                total += own["vera_lambda_d"].numel() * (width + own["vera_lambda_b"].numel())
+            else:
+                total += own["lora_A"].numel() + own["lora_B"].numel()
+        return 4 * total
+
+    def slot_reason(self) -> str | None:
+        """Why this adapter cannot be fed through LoRA slots (lora_slots.py), so that its task gets merged copies of
+        the parts it changes instead; None when it can (IA3, VeRA, AdaLoRA on linears a slot serves)."""
+        from ..lora_slots import locate
+
+        if self.peft_type not in SLOT_TENSORS:
+            return f"PEFT's {self.type_name} has no exact LoRA-slot form"
+        own, shared = SLOT_TENSORS[self.peft_type]
+        for key in self.state:
+            module = _module_of(key, self.peft_type)
+            leaf = key.rsplit(".", 1)[-1] if module is None else key[len(PEFT_PREFIX) + len(module) + 1:]
+            if (module is None and leaf not in shared) or (module is not None and leaf not in own):
+                return (f"it also trains '{self.source_keys.get(key, key)}' (modules_to_save or a bias), which "
+                        "replaces a tensor of the base")
+        for m in self.modules:
+            if locate(m) is None:
+                return f"module '{m}' is not a linear a LoRA slot serves"
+        return None  # (VeRA saved without its projection: PEFT regenerates A and B, and slot_forms reads PEFT's)
+
+    def slot_forms(self, model) -> dict:
+        """{module: (a [in, r] or None, b [r, out] or None, in_scale [in] or None, out_scale [out] or None)}, fp32
+        numpy: each module's unmerged forward as a LoRA slot, read from PEFT's own layers injected into `model` (and
+        unloaded again, leaving it as it was), following PEFT 0.21's forwards exactly:
+          IA3     feedforward: base(x * l) -> in_scale = l; otherwise base(x) * l, bias included -> out_scale = l
+          VeRA    + lambda_b * ((lambda_d * (x A^T)) B^T), A and B the shared matrices sliced to the layer's in/out
+                  -> a = A^T diag(lambda_d), b = B^T diag(lambda_b)
+          AdaLoRA + (x (A * E)^T B^T) * scaling / (ranknum + 1e-5), PEFT's ranknum after the final rank allocation
+                  -> a = (A * E)^T, b = B^T * scaling / (ranknum + 1e-5)"""
+        if self._slot_cache is not None and self._slot_cache[0] == id(model):
+            return self._slot_cache[1]
+        import tempfile
+
+        import torch
+        from peft import PeftModel
+        from torch import nn
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                peft_model = PeftModel.from_pretrained(model, str(self.write_peft_dir(Path(tmp) / "adapter")),
+                                                       adapter_name=_SLOT_ADAPTER)
+            except RuntimeError as e:  # load_state_dict's size mismatch, with the tensor's name
+                raise VlexportError(
+                    f"adapter '{self.path}': PEFT cannot load this {self.type_name} adapter onto the base "
+                    f"({str(e).strip().splitlines()[-1].strip()}); the adapter was trained on a different model "
+                    "size: check --base") from None
+        forms = {}
+        try:
+            layers = dict(peft_model.base_model.model.named_modules())
+            with torch.no_grad():
+                for m in self.modules:
+                    layer = layers[m]
+                    if not isinstance(layer.get_base_layer(), nn.Linear):
+                        raise VlexportError(
+                            f"adapter '{self.path}': module '{m}' is a {type(layer.get_base_layer()).__name__}, "
+                            "not a linear, so no LoRA slot serves it; build with --lora-mode merged")
+                    forms[m] = _slot_form(self.peft_type, layer)
+        finally:
+            peft_model.base_model.unload()  # PEFT's layers replaced by their (untouched) base layers, in place
+        self._slot_cache = (id(model), forms)
+        return forms
+
+    def slot_groups(self, model) -> dict:
+        """{part: {group: {"in", "out", "scale", "in_scale", "out_scale"}}} for the slot groups this adapter feeds."""
+        from ..lora_slots import locate
+
+        modules = dict(model.named_modules())
+        out: dict = {}
+        for m, (_a, _b, s_in, s_out) in self.slot_forms(model).items():
+            part, group, _layer = locate(m)
+            w = modules[m].weight
+            spec = out.setdefault(part, {}).setdefault(group, {"in": int(w.shape[1]), "out": int(w.shape[0]),
+                                                               "scale": False, "in_scale": False, "out_scale": False})
+            spec["in_scale"] = spec["in_scale"] or s_in is not None
+            spec["out_scale"] = spec["out_scale"] or s_out is not None
+        return out
+
+    def slot_tensors(self, model, geometry: dict) -> dict:
+        """This adapter as LoRA slot inputs (lora_slots.py), one row: a and b (each group's ranks zero-padded to its
+        largest) where it adds a product, in_scale/out_scale where it scales; the fields it leaves out are "no
+        adapter" at run time. Modules in layers the part does not run (CLIP layers past LLaVA's feature layer)
+        change nothing downstream and are left out."""
+        import numpy as np
+
+        from ..lora_slots import locate
+
+        placed: dict = {}
+        for m, form in self.slot_forms(model).items():
+            part, group, layer = locate(m)
+            g = (geometry.get(part) or {}).get(group)
+            if g is not None and layer < g["layers"]:
+                placed.setdefault((part, group), []).append((layer, form))
+        out = {}
+        for (part, group), entries in placed.items():
+            g, name = geometry[part][group], f"{part}_lora.{group}"
+            ranks = [a.shape[1] for _, (a, _b, _i, _o) in entries if a is not None]
+            if ranks:
+                a_all = np.zeros((g["layers"], 1, g["in"], max(ranks)), np.float32)
+                b_all = np.zeros((g["layers"], 1, max(ranks), g["out"]), np.float32)
+                for layer, (a, b, _i, _o) in entries:
+                    if a is not None:
+                        a_all[layer, 0, :, : a.shape[1]], b_all[layer, 0, : a.shape[1]] = a, b
+                out[f"{name}.a"], out[f"{name}.b"] = a_all, b_all
+            for field_name, index, width in (("in_scale", 2, g["in"]), ("out_scale", 3, g["out"])):
+                if any(form[index] is not None for _, form in entries):
+                    values = np.ones((g["layers"], 1, width), np.float32)
+                    for layer, form in entries:
+                        if form[index] is not None:
+                            values[layer, 0] = form[index]
+                    out[f"{name}.{field_name}"] = values
+        return out
 
     def without_text_layers_from(self, num_layers: int) -> "PeftMethodAdapter":
         """The same adapter without modules in decoder layers >= num_layers (for few-layer parity)."""
@@ -198,6 +355,22 @@ class PeftMethodAdapter:
                 if on_module is not None:
                     on_module(name)
         peft_model.base_model.unload()  # replaces PEFT's layers with their (now merged) base layers, in place
+
+
+def _slot_form(peft_type: str, layer) -> tuple:
+    """(a, b, in_scale, out_scale) of one PEFT layer (PeftMethodAdapter.slot_forms), fp32 numpy or None."""
+    name = _SLOT_ADAPTER
+    if peft_type == "IA3":
+        scale = layer.ia3_l[name].detach().float().flatten().numpy()
+        return (None, None, scale, None) if layer.is_feedforward else (None, None, None, scale)
+    if peft_type == "VERA":
+        A = layer.vera_A[name][:, : layer.in_features].float()  # the shared [r, max in] and [max out, r], sliced
+        B = layer.vera_B[name][: layer.out_features, :].float()
+        lambda_d, lambda_b = layer.vera_lambda_d[name].float(), layer.vera_lambda_b[name].float()
+        return (A.T * lambda_d[None, :]).numpy(), (B * lambda_b[:, None]).T.numpy(), None, None
+    A, B, E = layer.lora_A[name].float(), layer.lora_B[name].float(), layer.lora_E[name].float()
+    factor = float(layer.scaling[name]) / (float(layer.ranknum[name]) + 1e-5)
+    return (A * E).T.numpy(), (B * factor).T.numpy(), None, None
 
 
 def _config_object(config: dict):

@@ -324,7 +324,8 @@ def _greedy_by_forward(model, inputs, max_new_tokens: int) -> list[int]:
     new: list[int] = []
     with torch.no_grad():
         while len(new) < max_new_tokens:
-            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids),
+                           **_image_sizes(inputs)).logits
             token = int(logits[0, -1].argmax())
             new.append(token)
             if token in eos:
@@ -340,8 +341,14 @@ def oracle_inputs(inputs):
     return {k: v.to(torch.float64) if k == "pixel_values" else v for k, v in inputs.items()}
 
 
-def reference_features(model, pixel_values):
-    """Image features [num_images * tokens, hidden] as LLaVA's language model receives them (numpy)."""
+def _image_sizes(inputs) -> dict:
+    """LLaVA-NeXT's processor output has image_sizes, which its model needs to unpad and pack the tiles."""
+    return {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+
+
+def reference_features(model, pixel_values, image_sizes=None):
+    """Image features [num_images * tokens, hidden] as LLaVA's language model receives them (numpy): for
+    LLaVA-NeXT (image_sizes given) packed by HF's own LlavaNextModel.get_image_features."""
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = llava.config
     with torch.no_grad():
@@ -349,6 +356,7 @@ def reference_features(model, pixel_values):
             pixel_values=pixel_values,
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            **({"image_sizes": image_sizes} if image_sizes is not None else {}),
         )
     return torch.cat(list(out.pooler_output), dim=0).numpy()
 
@@ -357,7 +365,8 @@ def reference_logits(model, inputs, continuation: list[int]):
     """Logits that predict each continuation token, from one forward pass over prompt + continuation (numpy)."""
     ids = torch.cat([inputs["input_ids"], torch.tensor([continuation[:-1]], dtype=torch.long)], dim=1)
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids),
+                       **_image_sizes(inputs)).logits
     start = inputs["input_ids"].shape[1] - 1
     return logits[0, start : start + len(continuation)].numpy()
 
@@ -366,7 +375,7 @@ def reference_embeds_and_kv(model, inputs, num_layers: int):
     """(inputs_embeds with the image features written in, the features, present.{i}.key|value of the first
     num_layers layers), all numpy: what `verify --layers` compares the cut decoder graph with."""
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    feats = reference_features(model, inputs["pixel_values"])
+    feats = reference_features(model, inputs["pixel_values"], inputs.get("image_sizes"))
     with torch.no_grad():
         ids = inputs["input_ids"]
         embeds = llava.model.get_input_embeddings()(ids)

@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import ParityError
 from ..model import LlavaFacts
 from .. import lora_slots, slots
-from .parts import DecoderPart, EmbedPart, VisionPart, decoder_io_names, slot_input_names
+from ..anyres import pack_plan
+from .parts import DecoderPart, EmbedPart, decoder_io_names, slot_input_names, vision_part
 
 OPSET = 18  # TensorRT 10.3 imports opsets up to 20; 18 keeps attention and norms decomposed into plain ops.
 
@@ -115,11 +116,24 @@ def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset(), lo
     total = Dim("total_sequence")
     past = Dim("past_sequence", min=0)
     dec_in, dec_out = decoder_io_names(L, "decoder" in slot_parts, (lora or {}).get("decoder"))
-    vision = VisionPart(model, "vision" in slot_parts, (lora or {}).get("vision"))
-    vision_specs = PartSpec(
-        "vision", vision, ["pixel_values"], ["image_features"],
-        (pixels(2),), ({0: num_images},), [(pixels(1),), (pixels(3),)],
-    )
+    vision = vision_part(model, "vision" in slot_parts, (lora or {}).get("vision"))
+    if facts.anyres is None:
+        vision_specs = PartSpec(
+            "vision", vision, ["pixel_values"], ["image_features"],
+            (pixels(2),), ({0: num_images},), [(pixels(1),), (pixels(3),)],
+        )
+    else:  # LLaVA-NeXT: tiles of images of other aspect ratios, with their pack plans (AnyResVisionPart)
+        n_packed = Dim("num_packed_features")
+
+        def tiles(image_size):
+            index, weight = pack_plan(image_size, facts.anyres)
+            return (pixels(facts.anyres.num_tiles(image_size)), torch.from_numpy(index), torch.from_numpy(weight))
+
+        sizes = _anyres_sample_sizes(facts.anyres)
+        vision_specs = PartSpec(
+            "vision", vision, ["pixel_values", "pack_index", "pack_weight"], ["image_features"],
+            tiles(sizes[0]), ({0: num_images}, {0: n_packed}, {0: n_packed}), [tiles(s) for s in sizes[1:]],
+        )
     decoder_specs = PartSpec(
         "decoder", DecoderPart(model, "decoder" in slot_parts, (lora or {}).get("decoder")), dec_in, dec_out,
         dec_args(2, 5, 3), ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(2 * L))),
@@ -143,7 +157,7 @@ def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset(), lo
         spec.export_args = (*spec.export_args,
                             *adapter_args(spec.name, layers, dim, rows_of(spec.export_args), 0, bottleneck, geometry))
         extra = adapter_dims(spec.name, rows_dim, bottleneck, geometry)
-        if spec.name == "vision":  # forward(pixel_values, *inputs): the varargs are one nested entry
+        if spec.name == "vision":  # forward(pixel_values[, pack_index, pack_weight], *inputs): varargs nest
             spec.dynamic_shapes = (*spec.dynamic_shapes, tuple(extra))
         else:  # the decoder's *inputs holds past key/values then the slot inputs
             spec.dynamic_shapes = (*spec.dynamic_shapes[:3], (*spec.dynamic_shapes[3], *extra))
@@ -158,6 +172,21 @@ def part_specs(model, facts: LlavaFacts, slot_parts: frozenset = frozenset(), lo
         ),
         decoder_specs,
     ]
+
+
+def _anyres_sample_sizes(geometry) -> list[tuple[int, int]]:
+    """Image sizes (height, width) for the export and its checks: the largest grid first, then a wide and a tall
+    one where the pinpoints give them, each with padding to unpad (so the pack plans differ in length)."""
+    t = geometry.tile
+    by_tiles = sorted(geometry.grid_pinpoints, key=lambda hw: -hw[0] * hw[1])
+    wide = max(geometry.grid_pinpoints, key=lambda hw: hw[1] / hw[0])
+    tall = max(geometry.grid_pinpoints, key=lambda hw: hw[0] / hw[1])
+    out = []
+    for h, w in (by_tiles[0], wide, tall):
+        size = (max(1, h - t // 3), w) if w >= h else (h, max(1, w - t // 3))
+        if size not in out:
+            out.append(size)
+    return out if len(out) > 1 else out + [(geometry.tile, geometry.tile)]
 
 
 def export_part(spec: PartSpec, out_path: Path) -> Path:

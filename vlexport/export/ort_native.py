@@ -128,22 +128,26 @@ def build_native_decoder(model, slots: bool = False, lora: dict | None = None):
 
     def linear(x, module, name):
         """x @ W (+ bias), one product per torch module: precision/ quantizes and keeps products by module name.
-        With a LoRA slot on the module: (x @ W + (x @ a) @ b) * scale + bias, as parts.LoraSlotLinear."""
+        With a LoRA slot on the module, as parts.LoraSlotLinear: x' = x * in_scale, then
+        ((x' @ W + (x' @ a) @ b) * scale + bias) * out_scale (in_scale, scale, out_scale where the group has them)."""
         w, bias = _linear_weights(module)
+        fed = lora_site(name) if lora_site else None
+        a_i, b_i, scale_i, in_i, out_i = fed if fed is not None else (None,) * 5
+        if in_i is not None:
+            x = b.op("Mul", [x, in_i], name=f"{name}/lora_in_scale")
         # The torch exporter's name-scope record, which precision.int8.weight_matmuls reads the module name from.
         scopes = {"pkg.torch.onnx.name_scopes": repr(["", name, "matmul"])}
         y = b.tape.op("MatMul", [x, b.weight(f"{name}.weight", w)], name=f"{name}/MatMul", metadata_props=scopes)
         y.type = ir.TensorType(f32)
-        fed = lora_site(name) if lora_site else None
         if fed is not None:
             # Neither product has an initializer as B, so precision/ (int8.weight_matmuls, the MatMulNBits
             # quantizer) sees only the base product: the adapter stays float over a quantized base (QLoRA).
-            a_i, b_i, scale_i = fed
             delta = b.op("MatMul", [b.op("MatMul", [x, a_i], name=f"{name}/lora_a"), b_i], name=f"{name}/lora_b")
             y = b.op("Add", [y, delta], name=f"{name}/lora_add")
             if scale_i is not None:
                 y = b.op("Mul", [y, scale_i], name=f"{name}/lora_scale")
-        return b.op("Add", [y, b.weight(f"{name}.bias", bias)], name=f"{name}/Add") if bias is not None else y
+        y = b.op("Add", [y, b.weight(f"{name}.bias", bias)], name=f"{name}/Add") if bias is not None else y
+        return b.op("Mul", [y, out_i], name=f"{name}/lora_out_scale") if out_i is not None else y
 
     def norm_weight(module, name):
         return b.weight(name, module.weight.detach().float().numpy())
@@ -270,11 +274,12 @@ NATIVE_LORA_GROUPS = (*(f"layers.self_attn.{n}" for n in ("q_proj", "k_proj", "v
 
 def _lora_sites(b: _Builder, model, geometry: dict, inputs: list):
     """Declare the decoder's LoRA slot inputs (lora_slots.py) in graph order, split each once into its layers'
-    pieces, and return fed(name) = (a [N, in, r], b [N, r, out], scale [N, 1, out] or None) for the linear of that
-    module name, or None where no slot sits on it.
+    pieces, and return fed(name) = (a [N, in, r], b [N, r, out], scale [N, 1, out], in_scale [N, 1, in],
+    out_scale [N, 1, out]) for the linear of that module name (None for a field the group lacks), or None where no
+    slot sits on it.
 
-    a, b: Split on axis 0 into the group's L layers, then Squeezed (an alias); scale is Unsqueezed to [L, N, 1, out]
-    first, so that it broadcasts over the sequence."""
+    a, b: Split on axis 0 into the group's L layers, then Squeezed (an alias); the scales are Unsqueezed to
+    [L, N, 1, width] first, so that they broadcast over the sequence."""
     import onnx_ir as ir
 
     lm = model.model.language_model
@@ -293,7 +298,8 @@ def _lora_sites(b: _Builder, model, geometry: dict, inputs: list):
             raise ValueError(f"LoRA slot group {group}: geometry says in {g['in']}, out {g['out']} but the "
                              f"model's linear is {module.in_features} -> {module.out_features}")
         shape = {"a": [g["layers"], N, g["in"], R], "b": [g["layers"], N, R, g["out"]],
-                 "scale": [g["layers"], N, g["out"]]}[field]
+                 "scale": [g["layers"], N, g["out"]], "in_scale": [g["layers"], N, g["in"]],
+                 "out_scale": [g["layers"], N, g["out"]]}[field]
         declared[name] = ir.Value(name=name, type=f32, shape=ir.Shape(shape))
         inputs.append(declared[name])
     axis0 = b.const("decoder_lora.axis0", np.array([0], np.int64))
@@ -301,15 +307,15 @@ def _lora_sites(b: _Builder, model, geometry: dict, inputs: list):
 
     def layers_of(name, layers):
         x = declared[name]
-        if name.endswith(".scale"):
+        if name.endswith("scale"):  # scale, in_scale, out_scale
             x = b.op("Unsqueeze", [x, axis2], name=f"{name}/Unsqueeze")
         parts = [x] if layers == 1 else b.ops("Split", [x], layers, name=f"{name}/Split", axis=0, num_outputs=layers)
         return [b.op("Squeeze", [piece, axis0], name=f"{name}/Squeeze_{i}") for i, piece in enumerate(parts)]
 
     split = {}
     for group, g in geometry.items():
-        fields = [layers_of(f"decoder_lora.{group}.{f}", g["layers"]) for f in ("a", "b")]
-        fields.append(layers_of(f"decoder_lora.{group}.scale", g["layers"]) if g["scale"] else [None] * g["layers"])
+        fields = [layers_of(f"decoder_lora.{group}.{f}", g["layers"]) if f not in lora_slots.OPTIONAL or g.get(f)
+                  else [None] * g["layers"] for f in lora_slots.FIELDS]
         split[group] = list(zip(*fields))
 
     def fed(module_name: str):

@@ -39,7 +39,8 @@ def bottleneck_slot(x, h, layer: int, site: int, slot):
 
 
 class LoraFeed:
-    """The LoRA slot tensors of one forward call, {group: (a, b, scale or None)}, set by the part's forward and read
+    """The LoRA slot tensors of one forward call, {group: (a, b, scale, in_scale, out_scale)} (None for an optional
+    field the group lacks), set by the part's forward and read
     by its LoraSlotLinear modules (so that they stay ordinary modules called by transformers' own layer code)."""
 
     def __init__(self):
@@ -47,9 +48,10 @@ class LoraFeed:
 
 
 class LoraSlotLinear(nn.Module):
-    """A linear with a LoRA slot: y = (x W^T + (x a) b) * scale + bias, with a, b, scale its group's fed tensors at
-    this layer (lora_slots.py). It holds the linear's own weight and bias, so parameter and scope names are the
-    linear's: precision/ keeps and quantizes products by those names."""
+    """A linear with a LoRA slot: with x' = x * in_scale, y = ((x' W^T + (x' a) b) * scale + bias) * out_scale, from
+    its group's fed tensors at this layer (lora_slots.py; IA3's two vectors are in_scale and out_scale). It holds
+    the linear's own weight and bias, so parameter and scope names are the linear's: precision/ keeps and quantizes
+    products by those names."""
 
     def __init__(self, linear: nn.Linear, feed: LoraFeed, group: str, layer: int):
         super().__init__()
@@ -57,11 +59,14 @@ class LoraSlotLinear(nn.Module):
         self.feed, self.group, self.layer = feed, group, layer
 
     def forward(self, x):
-        a, b, scale = self.feed.tensors[self.group]
+        a, b, scale, in_scale, out_scale = self.feed.tensors[self.group]
+        if in_scale is not None:
+            x = x * in_scale[self.layer][:, None, :]
         y = nn.functional.linear(x, self.weight) + torch.matmul(torch.matmul(x, a[self.layer]), b[self.layer])
         if scale is not None:
             y = y * scale[self.layer][:, None, :]
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if out_scale is None else y * out_scale[self.layer][:, None, :]
 
 
 def with_lora_slots(root: nn.Module, prefix: str, geometry: dict, feed: LoraFeed) -> nn.Module:
@@ -93,11 +98,10 @@ def _replaced(module: nn.Module, path: list[str], new: nn.Module) -> nn.Module:
 
 def set_lora_feed(feed: LoraFeed, geometry: dict, part: str, tensors: tuple) -> None:
     """Bind the part's LoRA inputs (in lora_slots.part_input_names order) to their groups."""
-    from ..lora_slots import part_input_names
+    from ..lora_slots import FIELDS, part_input_names
 
     named = dict(zip(part_input_names({part: geometry}, part), tensors))
-    feed.tensors = {g: (named[f"{part}_lora.{g}.a"], named[f"{part}_lora.{g}.b"], named.get(f"{part}_lora.{g}.scale"))
-                    for g in geometry}
+    feed.tensors = {g: tuple(named.get(f"{part}_lora.{g}.{f}") for f in FIELDS) for g in geometry}
 
 
 def feature_indices(feature_layer, num_layers: int) -> list[int]:
@@ -148,6 +152,31 @@ class VisionPart(nn.Module):
             features = features[:, 1:]
         projected = self.projector(features)
         return projected.reshape(-1, projected.shape[-1]).float()
+
+
+class AnyResVisionPart(VisionPart):
+    """LLaVA-NeXT's vision part: VisionPart on the tiles [N,3,S,S] (the global view, then the grid; N depends on the
+    image), then the packing as a gather: pack_index / pack_weight [T,4] (vlexport.anyres.pack_plan, computed by the
+    runtime from the image size alone) pick rows of [tile features; image_newline], so that the unpadding and the
+    newline per row need no data-dependent shapes. The tower stays static-shaped per tile (TensorRT: a profile over
+    N and T), and image_newline, a trained parameter, stays in the graph with the weights.
+    -> image_features [T, H], exactly what LlavaNextModel.pack_image_features gives the language model."""
+
+    def __init__(self, model, slots: bool = False, lora: dict | None = None):
+        super().__init__(model, slots, lora)
+        self.image_newline = model.model.image_newline
+
+    def forward(self, pixel_values, pack_index, pack_weight, *inputs):
+        features = super().forward(pixel_values, *inputs)
+        table = torch.cat([features, self.image_newline.float()[None]], dim=0)
+        return (table[pack_index] * pack_weight.float()[..., None]).sum(dim=1)
+
+
+def vision_part(model, slots: bool = False, lora: dict | None = None) -> VisionPart:
+    """The vision part for the base's family (LLaVA-1.5, or LLaVA-NeXT with its packing)."""
+    if getattr(model.model, "image_newline", None) is not None:
+        return AnyResVisionPart(model, slots, lora)
+    return VisionPart(model, slots, lora)
 
 
 class EmbedPart(nn.Module):

@@ -54,7 +54,7 @@ def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int
     text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
     inputs = processor(images=case.image, text=text, return_tensors="pt")
     embeds, ref_feats, ref_kv = reference_embeds_and_kv(model, inputs, num_layers)
-    features = bundle.image_features(bundle.pixel_values(case.image))
+    features = bundle.image_features(bundle.pixel_values(case.image), None, bundle.image_size_of(case.image))
     vision = metrics.feature_metrics(ref_feats, features)
     n = embeds.shape[1]
     feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
@@ -64,7 +64,7 @@ def run_layers_case(case, bundle, model, processor, sub_session, num_layers: int
     got = dict(zip(names, sub_session.run(names, feed)))
     decoder = {name: _kv_metrics(ref_kv[name], got[name]) for name in names}
     if oracle is not None:
-        oracle_feats = reference_features(oracle, oracle_inputs(inputs)["pixel_values"])
+        oracle_feats = reference_features(oracle, oracle_inputs(inputs)["pixel_values"], inputs.get("image_sizes"))
         vision["vs_oracle"] = metrics.feature_metrics(oracle_feats, features)
         vision["reference_vs_oracle"] = metrics.feature_metrics(oracle_feats, ref_feats)
         oracle_kv = reference_kv(oracle, torch.from_numpy(embeds).to(torch.float64), num_layers)

@@ -47,12 +47,13 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int, task: st
 
     text = bundle.chat_prompt(case.prompt) if case.prompt is not None else case.raw_prompt
     inputs = processor(images=case.image, text=text, return_tensors="pt")
-    prompt_ids = bundle.encode(text)
+    size = bundle.image_size_of(case.image)  # LLaVA-NeXT: the image's size sets its token count and packing
+    prompt_ids = bundle.encode(text, size)
     if prompt_ids != inputs["input_ids"][0].tolist():
         raise VlexportError(f"case {case.name}: the bundle's tokenizer disagrees with the base processor on the prompt")
 
-    ref_features = reference_features(model, inputs["pixel_values"])
-    features = bundle.image_features(bundle.pixel_values(case.image), task)
+    ref_features = reference_features(model, inputs["pixel_values"], inputs.get("image_sizes"))
+    features = bundle.image_features(bundle.pixel_values(case.image), task, size)
     vision = metrics.feature_metrics(ref_features, features)
 
     ref_tokens = reference_generate(model, processor, case.image, text, max_new_tokens)
@@ -66,7 +67,7 @@ def run_case(case: Case, bundle, model, processor, max_new_tokens: int, task: st
     tokens = {**greedy, "ref": ref_tokens, "test": test.token_ids}
     if oracle is not None:
         wide = oracle_inputs(inputs)
-        oracle_features = reference_features(oracle, wide["pixel_values"])
+        oracle_features = reference_features(oracle, wide["pixel_values"], wide.get("image_sizes"))
         vision["vs_oracle"] = metrics.feature_metrics(oracle_features, features)
         vision["reference_vs_oracle"] = metrics.feature_metrics(oracle_features, ref_features)
         # Teacher-forced over the same continuation as the FP32 reference, so all three see the same context.

@@ -363,7 +363,7 @@ def _same_length(feeds: list[dict]) -> list[dict]:
 
 
 def _feeds(name: str, data) -> list[dict]:
-    return [({"pixel_values": c.pixel_values} if name == "vision" else c.prefill) for c in data]
+    return [(c.vision if name == "vision" else c.prefill) for c in data]
 
 
 def _calibration_reader(name: str, data):
@@ -394,8 +394,12 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
     if not wanted:
         return
     int4 = int4 or Int4Options()
+    from .int4 import calibration_options, lower_uncalibrated
+
+    # Uncalibrated RTN INT4 (ONNX Runtime) is quantized from the weights alone: no calibration run for it.
+    uncalibrated = prof.backend == "onnxruntime" and not calibration_options(int4)
     data, bundle, fingerprint = None, None, calib_fingerprint(calib)
-    if set(LOWERED) & set(wanted.values()):
+    if "int8" in wanted.values() or ("int4" in wanted.values() and not uncalibrated):
         bundle = Bundle(tmp, manifest=manifest)
         data = run_fp32(bundle, calib_cases(calib), log)
         log(f"calibration set: {len(data)} cases from {calib or 'calib/ (photos that ship with scikit-image)'}")
@@ -413,6 +417,13 @@ def lower_parts(tmp: Path, manifest: dict, prof, opts: Int8Options, calib: str |
                 lowered[key] = task_src.with_name(dst.name)
                 to_fp16(task_src, lowered[key])
             log(f"{name}: FP16, {', '.join(record['kept_fp32_op_types'])} kept in FP32")
+        elif precision == "int4" and uncalibrated:
+            dst, record = lower_uncalibrated(name, src, tmp, int4)
+            log(f"{name}: INT4 (matmulnbits, rtn, block {record['block_size']}, uncalibrated) "
+                f"{record['products_quantized']} of {record['products_total']} products, lm_head {int4.lm_head.upper()}")
+            for key, task_src in copies.items():  # a task's merged copy: the same products
+                lowered[key] = lower_uncalibrated(name, task_src, task_src.parent, int4)[0]
+                log(f"task {key[0]}: its {name} part lowered the same way")
         elif precision == "int4":
             dst, record = _lower_int4(name, src, tmp, prof.backend, int4, prof.thresholds("int4"), bundle, data, log)
             if record["products_quantized"] == 0:

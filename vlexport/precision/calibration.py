@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from .. import lora_slots
+
 DEFAULT_CALIB_DIR = Path(__file__).resolve().parent.parent.parent / "calib"
 CONTINUATION_TOKENS = 16  # greedy FP32 tokens per case that the gate teacher-forces
 
@@ -68,6 +70,7 @@ class CalibCase:
     continuation: list[int]  # FP32 greedy tokens
     logits: np.ndarray  # FP32 logits predicting each continuation token (teacher-forced)
     prefill: dict  # the FP32 decoder's prefill feed
+    vision: dict  # the vision part's feed
 
 
 def run_fp32(bundle, cases, log=None) -> list[CalibCase]:
@@ -92,9 +95,12 @@ def _run_case(bundle, case) -> CalibCase:
     tokens = bundle.generate(case.image, raw_prompt=text, max_new_tokens=CONTINUATION_TOKENS).token_ids
     logits = bundle.teacher_forced_logits(ids, features, tokens)
     arr = np.array([ids], dtype=np.int64)
+    # Slot inputs fed "no adapter": a graph for TensorRT has no defaults on them (the ORT-native one does).
     prefill = {"inputs_embeds": bundle.embed(arr, features), "attention_mask": np.ones_like(arr),
-               "position_ids": np.arange(arr.shape[1], dtype=np.int64)[None], **bundle.empty_past()}
-    return CalibCase(case.name, pv, features, ids, tokens, logits, prefill)
+               "position_ids": np.arange(arr.shape[1], dtype=np.int64)[None], **bundle.empty_past(),
+               **bundle.slot_feed("decoder", None)}
+    vision = {"pixel_values": pv, **lora_slots.repeat_rows(bundle.slot_feed("vision", None), pv.shape[0])}
+    return CalibCase(case.name, pv, features, ids, tokens, logits, prefill, vision)
 
 
 class FeedReader(CalibrationDataReader):

@@ -94,18 +94,38 @@ def check_int4_buildable(target, opts: Int4Options) -> None:
                             "--int4 symmetric=false")
 
 
+def calibration_options(opts: Int4Options) -> list[str]:
+    """The INT4 options that need the calibration run (an ONNX Runtime session of the unquantized part, and AWQ's
+    activations in PyTorch). Empty for uncalibrated RTN, which is quantized from the weights alone."""
+    return ([f"algo={opts.algo}"] if opts.algo != "rtn" else []) + [f"{k}=true" for k in ("awq", "fallback")
+                                                                    if getattr(opts, k)]
+
+
 def quantize_int4(src: Path, dst: Path, form: str, opts: Int4Options, int4_nodes: list[str], int8_nodes: list[str],
-                  block: int, reader=None) -> None:
-    """Write src with `int4_nodes` at INT4 and `int8_nodes` at INT8 weight-only to dst (+ dst.data)."""
+                  block: int, reader=None, lazy: bool = False) -> None:
+    """Write src with `int4_nodes` at INT4 and `int8_nodes` at INT8 weight-only to dst (+ dst.data).
+
+    lazy (RTN, MatMulNBits): src's weights are read from its external data one at a time as each is quantized,
+    so that a 7B decoder is never held whole; the result is the same as the eager path's."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_part(dst)  # each try of the fallback search starts clean
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs advice and opset warnings on the root logger
+    # ... and, once something has configured it, a line per node on its own module logger
+    nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    nbits_level = nbits.level
+    nbits.setLevel(logging.ERROR)
     try:
-        _quantize(src, dst, form, opts, int4_nodes, int8_nodes, block, reader)
+        if lazy:
+            if form != "matmulnbits" or opts.algo != "rtn":
+                raise ValueError(f"lazy INT4 quantization is RTN MatMulNBits only, not {opts.algo} {form}")
+            _quantize_lazily(src, dst, opts, int4_nodes, int8_nodes, block)
+        else:
+            _quantize(src, dst, form, opts, int4_nodes, int8_nodes, block, reader)
     finally:
         root.setLevel(level)
+        nbits.setLevel(nbits_level)
     for path in (dst, dst.with_name(dst.name + ".data")):
         if path.exists():
             os.chmod(path, 0o644)
@@ -156,6 +176,122 @@ def _quantize(src: Path, dst: Path, form: str, opts: Int4Options, int4_nodes: li
         q.process()
         model = q.model.model
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+def lower_uncalibrated(name: str, src: Path, tmp: Path, opts: Int4Options) -> tuple[Path, dict]:
+    """INT4 weight-only with RTN and no calibration run (awq=false, fallback=false): every weight product at INT4,
+    lm_head at INT4 or INT8 weight-only (the option), quantized lazily from src's weights. No gate is measured here:
+    verify judges the part. The products are those the calibrated path writes with the same options."""
+    import time
+
+    import onnx
+
+    from .int8 import weight_matmuls
+
+    t = time.perf_counter()
+    matmuls = weight_matmuls(onnx.load(str(src), load_external_data=False))
+    fixed = set(lm_head_nodes(matmuls)) if opts.lm_head == "int8" else set()
+    int4 = [m.node for m in matmuls if m.node not in fixed]
+    int8 = [m.node for m in matmuls if m.node in fixed]
+    dst = tmp / f"{name}.int4.onnx"
+    quantize_int4(src, dst, "matmulnbits", opts, int4, int8, opts.block_size, lazy=True)
+    return dst, {
+        "form": "matmulnbits", "algo": opts.algo, "block_size": opts.block_size, "symmetric": opts.symmetric,
+        "accuracy_level": ACCURACY_LEVEL, "awq": False, "lm_head": opts.lm_head, "keep_precision": opts.keep,
+        "calibration_cases": 0, "products_quantized": len(int4), "products_total": len(matmuls),
+        "not_blockable": [], "kept": [], "kept_fp32": [], "worst_quantized": [],
+        "fallback": {"enabled": False, "tries": []},
+        "calibration_gate": None,  # not measured: uncalibrated RTN has no calibration set (verify is the gate)
+        "seconds": time.perf_counter() - t,
+    }
+
+
+class _LazyWeights:
+    """A MatMulNBitsQuantizer node quantizer whose weight is read from external data just before it is quantized.
+
+    The weight is loaded into a scratch graph of its own, which the quantizer sees last in its graph stack (so it
+    finds the weight there and adds the quantized tensors there); those are then copied into the model's graph and
+    the scratch graph is dropped with the weight. Loading the weight into the model's own proto would not free it:
+    protobuf keeps a message's bytes in the model's arena until the whole model is gone (measured on the 7B: the
+    quantize step grew from 2 to 15 GB)."""
+
+    def __init__(self, inner, base_dir: str):
+        self.inner, self.base_dir = inner, base_dir
+
+    def quantize(self, node, graph_stack):
+        import onnx
+        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+        from onnxruntime.quantization.matmul_nbits_quantizer import get_initializer
+
+        tensor, graph = get_initializer(node.input[1], graph_stack) if len(node.input) > 1 else (None, None)
+        if tensor is None or not uses_external_data(tensor):
+            return self.inner.quantize(node, graph_stack)
+        scratch = onnx.GraphProto()
+        weight = scratch.initializer.add()
+        weight.CopyFrom(tensor)
+        # Relative to src's folder: onnx refuses absolute external-data locations when it loads a tensor.
+        load_external_data_for_tensor(weight, self.base_dir)
+        weight.data_location = onnx.TensorProto.DEFAULT
+        del weight.external_data[:]
+        graph_stack.append(scratch)
+        try:
+            nodes = self.inner.quantize(node, graph_stack)
+        finally:
+            graph_stack.pop()
+        graph.initializer.extend(scratch.initializer[1:])  # the quantized weight, scales, zero points
+        return nodes
+
+
+def _quantize_lazily(src: Path, dst: Path, opts: Int4Options, int4_nodes: list[str], int8_nodes: list[str],
+                     block: int) -> None:
+    """_quantize's RTN MatMulNBits path (the same quantizer, configs and order: INT4 first, then INT8 weight-only),
+    with src's graph loaded without its weights and each weight read when its product is quantized."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from .int8 import WEIGHT_ONLY_BLOCK
+
+    model = onnx.load(str(src), load_external_data=False)
+    base_dir = str(src.parent)
+    passes = ((4, block, opts.symmetric, int4_nodes), (8, WEIGHT_ONLY_BLOCK, True, int8_nodes))
+    for bits, size, symmetric, nodes in passes:
+        if not nodes:
+            continue
+        config = DefaultWeightOnlyQuantConfig(block_size=size, is_symmetric=symmetric, accuracy_level=ACCURACY_LEVEL,
+                                              quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+                                              bits=bits)
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=size, is_symmetric=symmetric,
+                                 accuracy_level=ACCURACY_LEVEL, quant_format=QuantFormat.QOperator,
+                                 nodes_to_exclude=[n for n in _every_weight_matmul(model) if n not in set(nodes)],
+                                 op_types_to_quantize=("MatMul",), algo_config=config)
+        q.node_quantizer = _LazyWeights(q.node_quantizer, base_dir)
+        q.process()
+        model = q.model.model
+    # What stays unquantized (norms, products left out, slot defaults) is read now, to be written into dst's data.
+    for tensor in _every_tensor(model.graph):
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, base_dir)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+
+
+def _every_tensor(graph):
+    """Initializers and Constant-node tensors of a graph and its subgraphs."""
+    from onnx import AttributeProto
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == AttributeProto.GRAPH:
+                yield from _every_tensor(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _every_tensor(g)
 
 
 def tensorrt_block(k: int, block: int = TENSORRT_BLOCK) -> int | None:
