@@ -53,6 +53,21 @@ def weight_matmuls(model) -> list[WeightMatMul]:
     return out
 
 
+def int8_dot_product_cpu() -> bool:
+    """Whether this CPU has an INT8 dot-product instruction (AVX-512 VNNI, AVX-VNNI) or is not x86. Without one,
+    ONNX Runtime's u8s8 kernels add pairs of u8 x s8 products in int16, which saturates at full 8-bit range; its
+    quantization docs name reduce_range (7-bit weights) for such CPUs, and the dynamic form uses it there."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool({"avx512_vnni", "avx_vnni"} & flags)
+
+
 def quantize(src: Path, dst: Path, form: str, nodes: list[str], reader=None, calibration: str = "percentile",
              cache: Path | None = None) -> None:
     """Write the INT8 form of src to dst (+ dst.data), quantizing exactly `nodes`."""
@@ -79,7 +94,8 @@ def _quantize(src: Path, dst: Path, form: str, nodes: list[str], reader, calibra
         onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     elif form == "dynamic":
         quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True,
+                         reduce_range=not int8_dot_product_cpu())
     elif form == "qdq":
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[calibration]
