@@ -103,6 +103,7 @@ def _quantize(src: Path, dst: Path, form: str, nodes: list[str], reader, calibra
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True,
                         calibrate_method=method, calibration_cache_path=cache,
+                        reduce_range=not int8_dot_product_cpu(),  # (as dynamic: the gate runs these kernels)
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "CalibPercentile": 99.999, "CalibMovingAverage": False,
                                        # Q/DQ on the products' inputs only: a quantized output (logits, K/V) would
