@@ -209,7 +209,9 @@ def test_int8_base_keeps_each_lora_task_in_float(lora_bank, tiny_gqa_base, tmp_p
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["passed"] and "smoothquant" in manifest["build"]["stages"]
     shipped = {p: v["shipped"] for p, v in manifest["build"]["precision"].items()}
-    if _int8_dot_product_cpu():
+    from vlexport.precision.int8 import int8_dot_product_cpu
+
+    if int8_dot_product_cpu():
         assert shipped["decoder"] == "int8"
     else:
         # Without VNNI, ONNX Runtime's u8s8 kernels saturate in int16 (its docs: reduce_range for such CPUs), and
@@ -220,15 +222,6 @@ def test_int8_base_keeps_each_lora_task_in_float(lora_bank, tiny_gqa_base, tmp_p
     assert not any(t["parts"] for t in manifest["tasks"].values())
     report = json.loads((out / "parity_report.json").read_text())
     assert {c["task"] for c in report["cases"]} == {None, "full", "dora"}
-
-
-def _int8_dot_product_cpu() -> bool:
-    """Whether this CPU has an INT8 dot-product instruction (AVX-512 VNNI or AVX-VNNI)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni"))
 
 
 def _lora_for_config(config_dir, out, seed, rank=16, targets=("q_proj",)):
