@@ -172,6 +172,12 @@ def test_low_memory_int4_build_exports_fp16_and_passes_int4_verify(tiny_fp16_bas
     inits = {i.name for i in decoder.graph.initializer}
     assert ops.count("MatMulNBits") == lowering["products_total"]
     assert not [n.name for n in decoder.graph.node if n.op_type == "MatMul" and n.input[1] in inits]  # none left
+    # The ORT-native form (shared KV buffer), built from the fp16 weights and checked on its first layers in fp32.
+    entry = manifest["parts"]["decoder"]
+    assert entry["form"] == "ort-native" and "GroupQueryAttention" in ops
+    assert entry["export_check"]["first_layers"] == 2 and entry["export_check"]["cases"] >= 6
+    assert not any(p.key == "vlexport.fp16_products" for p in decoder.metadata_props)
+    assert all(i.data_type != onnx.TensorProto.FLOAT16 for i in decoder.graph.initializer)
     report = json.loads((out / "parity_report.json").read_text())
     assert report["passed"] and report["mode"].startswith("first 2 decoder layers")
     assert not (out / "decoder.onnx").exists()  # the fp16 original was dropped once verify passed
@@ -198,3 +204,48 @@ def test_low_memory_int4_refuses_what_needs_calibration_by_name(tiny_fp16_base, 
     for w in words:
         assert w in said, (w, said)
     assert not out.exists() and not list(tmp_path.glob(".b*"))
+
+
+def test_native_decoder_from_fp16_weights_quantizes_as_the_fp32_native_graph(tiny_fp16_base, tmp_path):
+    """The ORT-native decoder written from a model loaded in fp16 (its products' weights in fp16, the graph not
+    runnable yet) and quantized lazily has the very MatMulNBits weights, scales and graph of the native decoder
+    built from the same weights in fp32 and quantized by ONNX Runtime's quantizer whole; and it runs."""
+    import onnxruntime as ort
+
+    from vlexport.export.ort_native import FP16_PRODUCTS, write_native_decoder
+    from vlexport.model import load_llava
+    from vlexport.precision.int4 import Int4Options, lm_head_nodes, quantize_int4
+    from vlexport.precision.int8 import weight_matmuls
+
+    model = load_llava(tiny_fp16_base, dtype="float16")
+    half = write_native_decoder(model, tmp_path / "half" / "decoder.onnx", fp16_products=True)
+    meta = onnx.load(str(half), load_external_data=False)
+    assert any(p.key == FP16_PRODUCTS for p in meta.metadata_props)
+    half_weights = [i for i in meta.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    matmuls = weight_matmuls(meta)
+    assert len(half_weights) == len(matmuls) > 0  # the products' weights, and nothing else, in fp16
+    full = write_native_decoder(model.float(), tmp_path / "full" / "decoder.onnx")
+    head = set(lm_head_nodes(matmuls))
+    int4, int8 = [m.node for m in matmuls if m.node not in head], sorted(head)
+    opts = Int4Options(block_size=32, fallback=False, awq=False)
+    quantize_int4(half, tmp_path / "lazy" / "d.onnx", "matmulnbits", opts, int4, int8, 32, lazy=True)
+    quantize_int4(full, tmp_path / "eager" / "d.onnx", "matmulnbits", opts, int4, int8, 32)
+    lazy, eager = (onnx.load(str(tmp_path / d / "d.onnx")) for d in ("lazy", "eager"))
+    assert not any(p.key == FP16_PRODUCTS for p in lazy.metadata_props)
+    assert [(n.op_type, list(n.input)) for n in lazy.graph.node] == [(n.op_type, list(n.input)) for n in eager.graph.node]
+    ours = {i.name: numpy_helper.to_array(i) for i in lazy.graph.initializer}
+    theirs = {i.name: numpy_helper.to_array(i) for i in eager.graph.initializer}
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert value.dtype == ours[name].dtype and np.array_equal(value, ours[name]), name
+    assert all(v.dtype != np.float16 for v in ours.values())
+    session = ort.InferenceSession(str(tmp_path / "lazy" / "d.onnx"), providers=["CPUExecutionProvider"])
+    cfg = model.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, 5, cfg.hidden_size)).astype(np.float32),
+            "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.arange(5)[None]}
+    for i in range(cfg.num_hidden_layers):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
+    logits = session.run(["logits"], feed)[0]
+    assert logits.shape == (1, 1, model.lm_head.out_features) and np.isfinite(logits).all()

@@ -471,6 +471,12 @@ def export_parts(state: BuildState) -> None:
         with stage(state, f"export_{spec.name}"):
             t = time.perf_counter()
             path = state.tmp / f"{spec.name}.onnx"
+            if spec.name == "decoder" and _native_from_fp16(state):
+                # export_native_forms builds it straight from the fp16 weights; tracing the whole decoder for a
+                # portable graph that would not ship would be the build's memory peak (16.4 GB on a 7B).
+                state.parts["decoder"] = {"file": path.name, "precision": exported}
+                state.log("decoder: no portable export (the ORT-native form is built from the fp16 weights)")
+                continue
             # A decoder too large to hold twice is checked on its first layers (their K/V outputs).
             first = 2 if state.low_memory and spec.name == "decoder" else None
             check = _export_checked(state, spec, path, first_layers=first)
@@ -490,19 +496,37 @@ def _native_decoder(state: BuildState, model, module, path: Path, label: str) ->
         # --int8 form=qdq asks for TensorRT's Q/DQ graph (to check or ship it), which contrib ops would spoil.
         state.log(f"{label}: the portable form ships (int8 form=qdq is TensorRT's graph)")
         return None
-    reason = ort_native.unsupported_reason(model)
+    fp16_products = _native_from_fp16(state)
+    reason = ort_native.unsupported_reason(model, fp16_products=fp16_products)
     if reason:
         state.log(f"{label}: the portable form ships ({reason})")
         return None
     slots = "decoder" in state.slots
     lora = state.lora_slots.get("decoder")
     with track(state.log, f"{label}: ORT-native form", total=2) as advance:
-        ort_native.write_native_decoder(model, path, slots, lora=lora)
+        ort_native.write_native_decoder(model, path, slots, lora=lora, fp16_products=fp16_products)
         _add_slot_defaults(state, "decoder", path)
         advance(1, "check: ONNX Runtime vs torch")
-        check = ort_native.check_native_decoder(module, path, state.export_rel_tol, slots, label, lora=lora)
+        if fp16_products:  # not runnable before its INT4 lowering: its first layers are checked, built in fp32
+            check = ort_native.check_native_first_layers(model, module, path.parent, state.export_rel_tol, slots,
+                                                         label, lora=lora)
+        else:
+            check = ort_native.check_native_decoder(module, path, state.export_rel_tol, slots, label, lora=lora)
         advance(1, "checked")
     return check
+
+
+def _native_from_fp16(state: BuildState) -> bool:
+    """A model loaded in fp16 to save memory (choose_export_dtype) whose decoder ships at INT4 on ONNX Runtime takes
+    the native form from its fp16 weights: the products keep them until precision.int4 quantizes them (uncalibrated
+    RTN, which choose_export_dtype requires there)."""
+    import torch
+
+    model = state.model
+    return (bool(state.low_memory) and state.prof.backend == "onnxruntime"
+            and state.prof.precision.get("decoder") == "int4" and model is not None
+            and model.lm_head.weight.dtype == torch.float16
+            and ort_native.unsupported_reason(model, fp16_products=True) is None)
 
 
 def export_native_forms(state: BuildState) -> None:
@@ -520,7 +544,7 @@ def export_native_forms(state: BuildState) -> None:
             check = _native_decoder(state, state.model, module, path, "decoder")
             if check is not None:
                 decoder.update(form=ort_native.FORM, **onnx_io(path),
-                               export_check={**check, "portable": decoder["export_check"]})
+                               export_check={**check, "portable": decoder.get("export_check")})
                 state.log(f"decoder: ORT-native form, ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
     state.model = None
     gc.collect()  # a 7B's weights must be gone before verify loads its reference

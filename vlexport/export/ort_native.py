@@ -32,8 +32,10 @@ FORM = "ort-native"
 MS = "com.microsoft"
 
 
-def unsupported_reason(model) -> str | None:
-    """Why this model cannot take the native form (then the portable graph ships), or None."""
+def unsupported_reason(model, fp16_products: bool = False) -> str | None:
+    """Why this model cannot take the native form (then the portable graph ships), or None. fp16_products: the
+    decoder's products are quantized to INT4 from the weights alone (build_native_decoder's fp16_products), which
+    lets a model loaded in fp16 take the native form."""
     import torch
 
     cfg = model.config.text_config
@@ -42,8 +44,9 @@ def unsupported_reason(model) -> str | None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") == "dynamic":
         return "dynamic RoPE scaling (its frequencies depend on the sequence length)"
-    if model.lm_head.weight.dtype != torch.float32:
-        return "the model was exported in fp16 to save memory (the native form is built from fp32 weights)"
+    if model.lm_head.weight.dtype not in (torch.float32, *((torch.float16,) if fp16_products else ())):
+        return ("the model was exported in fp16 to save memory (the native form is built from fp32 weights, or from "
+                "fp16 weights for a decoder quantized to INT4 without calibration)")
     return None
 
 
@@ -58,6 +61,21 @@ class _Builder:
 
     def weight(self, name: str, array: np.ndarray):
         return self.tape.initializer(self.ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+
+    def product_weight(self, name: str, weight, dtype: str):
+        """A torch Linear weight [out, in] as the MatMul's B [in, out] in `dtype`, transposed only when it is written
+        (ir.save streams one tensor at a time), so the graph never holds a second copy of the model's weights."""
+        import torch
+
+        torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
+        out, inp = weight.shape
+
+        def transposed():
+            return self.ir.tensor(weight.detach().to(torch_dtype).T.contiguous().numpy(), name=name)
+
+        lazy = self.ir.LazyTensor(transposed, dtype=self.ir.DataType.from_numpy(np.dtype(dtype)),
+                                  shape=self.ir.Shape([inp, out]), name=name)
+        return self.tape.initializer(lazy, name=name)
 
     def const(self, name: str, array):
         return self.weight(name, np.asarray(array))
@@ -76,21 +94,24 @@ class _Builder:
         return outs
 
 
-def _linear_weights(linear) -> tuple[np.ndarray, np.ndarray | None]:
-    """An nn.Linear's weight as [in, out] for x @ W, and its bias (BitFit may have given it one) or None."""
-    bias = None if linear.bias is None else linear.bias.detach().float().numpy()
-    return linear.weight.detach().float().numpy().T, bias
+# Model metadata of a native graph whose products hold fp16 weights (fp16_products): precision.int4 quantizes them
+# from fp32 (the graph computes in fp32), and the graph does not run before it has.
+FP16_PRODUCTS = "vlexport.fp16_products"
 
 
-def build_native_decoder(model, slots: bool = False, lora: dict | None = None):
+def build_native_decoder(model, slots: bool = False, lora: dict | None = None, num_layers: int | None = None,
+                         fp16_products: bool = False):
     """The decoder (+ lm_head, last position only) as an onnx_ir Model in the native form. slots: bottleneck slot
-    inputs (slots.py); lora: the decoder's LoRA slot geometry (lora_slots.py), whose inputs follow them."""
+    inputs (slots.py); lora: the decoder's LoRA slot geometry (lora_slots.py), whose inputs follow them.
+    num_layers: the first N layers only (the export check of a decoder too large to run whole).
+    fp16_products: each product's weight is written in fp16, as a 7B loaded in fp16 holds it (an fp32 copy would
+    not fit), for precision.int4 to quantize; everything else is fp32, so the quantized graph computes in fp32."""
     import onnx_ir as ir
     import torch
 
     cfg = model.config.text_config
     lm = model.model.language_model
-    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    L, H = num_layers or cfg.num_hidden_layers, cfg.hidden_size
     n_heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or H // n_heads
     eps = float(cfg.rms_norm_eps)
@@ -130,14 +151,15 @@ def build_native_decoder(model, slots: bool = False, lora: dict | None = None):
         """x @ W (+ bias), one product per torch module: precision/ quantizes and keeps products by module name.
         With a LoRA slot on the module, as parts.LoraSlotLinear: x' = x * in_scale, then
         ((x' @ W + (x' @ a) @ b) * scale + bias) * out_scale (in_scale, scale, out_scale where the group has them)."""
-        w, bias = _linear_weights(module)
+        bias = None if module.bias is None else module.bias.detach().float().numpy()  # BitFit may have given one
         fed = lora_site(name) if lora_site else None
         a_i, b_i, scale_i, in_i, out_i = fed if fed is not None else (None,) * 5
         if in_i is not None:
             x = b.op("Mul", [x, in_i], name=f"{name}/lora_in_scale")
         # The torch exporter's name-scope record, which precision.int8.weight_matmuls reads the module name from.
         scopes = {"pkg.torch.onnx.name_scopes": repr(["", name, "matmul"])}
-        y = b.tape.op("MatMul", [x, b.weight(f"{name}.weight", w)], name=f"{name}/MatMul", metadata_props=scopes)
+        w = b.product_weight(f"{name}.weight", module.weight, "float16" if fp16_products else "float32")
+        y = b.tape.op("MatMul", [x, w], name=f"{name}/MatMul", metadata_props=scopes)
         y.type = ir.TensorType(f32)
         if fed is not None:
             # Neither product has an initializer as B, so precision/ (int8.weight_matmuls, the MatMulNBits
@@ -216,7 +238,8 @@ def build_native_decoder(model, slots: bool = False, lora: dict | None = None):
 
     graph = ir.Graph(inputs, [logits, *present], nodes=b.tape.nodes, initializers=b.tape.initializers,
                      opset_imports={"": 18, MS: 1}, name="decoder_ort_native")
-    return ir.Model(graph, ir_version=10, producer_name="vlexport", metadata_props={"vlexport.form": FORM})
+    meta = {"vlexport.form": FORM, **({FP16_PRODUCTS: "1"} if fp16_products else {})}
+    return ir.Model(graph, ir_version=10, producer_name="vlexport", metadata_props=meta)
 
 
 def _slot_sites(b: _Builder, L: int, H: int, inputs: list):
@@ -327,15 +350,18 @@ def _lora_sites(b: _Builder, model, geometry: dict, inputs: list):
     return fed
 
 
-def write_native_decoder(model, path: Path, slots: bool = False, lora: dict | None = None) -> Path:
-    """Write the native decoder to path (+ path.data), replacing what is there (the portable graph). slots/lora as
-    build_native_decoder; the slot inputs get no defaults here (export/onnx.add_slot_defaults gives them)."""
+def write_native_decoder(model, path: Path, slots: bool = False, lora: dict | None = None,
+                         num_layers: int | None = None, fp16_products: bool = False) -> Path:
+    """Write the native decoder to path (+ path.data), replacing what is there (the portable graph). slots, lora,
+    num_layers, fp16_products as build_native_decoder; the slot inputs get no defaults here
+    (export/onnx.add_slot_defaults gives them)."""
     import onnx_ir as ir
 
     from ..files import remove_part
 
-    built = build_native_decoder(model, slots, lora)
+    built = build_native_decoder(model, slots, lora, num_layers=num_layers, fp16_products=fp16_products)
     remove_part(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ir.save(built, str(path), external_data=path.name + ".data")
     return path
 
@@ -465,6 +491,22 @@ def check_native_decoder(module, onnx_path: Path, rel_tol: float, slots: bool = 
                         f"{err:.3g} (relative to its scale; allowed {rel_tol:g}) for {shape}")
     return {"form": FORM, "outputs_checked": len(worst), "cases": k + 1,
             "max_rel_error": max(worst.values()) if worst else 0.0}
+
+
+def check_native_first_layers(model, module, scratch: Path, rel_tol: float, slots: bool = False,
+                              label: str = "decoder", lora: dict | None = None, layers: int = 2) -> dict:
+    """The export check of a native decoder built with fp16_products, which does not run before its INT4 lowering:
+    the same builder writes the first `layers` layers with fp32 weights (their final norm and lm_head included) to
+    scratch, and that graph is checked against the torch module's first layers (DecoderPart.first_layers)."""
+    from ..files import remove_part
+
+    path = scratch / "decoder.first_layers.onnx"
+    write_native_decoder(model, path, slots, lora, num_layers=layers)
+    try:
+        check = check_native_decoder(module.first_layers(layers), path, rel_tol, slots, label, lora=lora)
+    finally:
+        remove_part(path)
+    return {**check, "first_layers": layers}
 
 
 def drop_fp32_output_casts(model) -> int:

@@ -215,8 +215,8 @@ class _LazyWeights:
     protobuf keeps a message's bytes in the model's arena until the whole model is gone (measured on the 7B: the
     quantize step grew from 2 to 15 GB)."""
 
-    def __init__(self, inner, base_dir: str):
-        self.inner, self.base_dir = inner, base_dir
+    def __init__(self, inner, base_dir: str, to_fp32: bool = False):
+        self.inner, self.base_dir, self.to_fp32 = inner, base_dir, to_fp32
 
     def quantize(self, node, graph_stack):
         import onnx
@@ -233,6 +233,11 @@ class _LazyWeights:
         load_external_data_for_tensor(weight, self.base_dir)
         weight.data_location = onnx.TensorProto.DEFAULT
         del weight.external_data[:]
+        if self.to_fp32 and weight.data_type == onnx.TensorProto.FLOAT16:
+            # The quantizer writes scales in the weight's type, and MatMulNBits takes them in its input's (fp32).
+            from onnx import numpy_helper
+
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float32), weight.name))
         graph_stack.append(scratch)
         try:
             nodes = self.inner.quantize(node, graph_stack)
@@ -253,8 +258,12 @@ def _quantize_lazily(src: Path, dst: Path, opts: Int4Options, int4_nodes: list[s
 
     from .int8 import WEIGHT_ONLY_BLOCK
 
+    from ..export.ort_native import FP16_PRODUCTS
+
     model = onnx.load(str(src), load_external_data=False)
     base_dir = str(src.parent)
+    # A native graph built from fp16 weights computes in fp32: its products are quantized from fp32.
+    to_fp32 = any(p.key == FP16_PRODUCTS for p in model.metadata_props)
     passes = ((4, block, opts.symmetric, int4_nodes), (8, WEIGHT_ONLY_BLOCK, True, int8_nodes))
     for bits, size, symmetric, nodes in passes:
         if not nodes:
@@ -266,7 +275,7 @@ def _quantize_lazily(src: Path, dst: Path, opts: Int4Options, int4_nodes: list[s
                                  accuracy_level=ACCURACY_LEVEL, quant_format=QuantFormat.QOperator,
                                  nodes_to_exclude=[n for n in _every_weight_matmul(model) if n not in set(nodes)],
                                  op_types_to_quantize=("MatMul",), algo_config=config)
-        q.node_quantizer = _LazyWeights(q.node_quantizer, base_dir)
+        q.node_quantizer = _LazyWeights(q.node_quantizer, base_dir, to_fp32)
         q.process()
         model = q.model.model
     # What stays unquantized (norms, products left out, slot defaults) is read now, to be written into dst's data.
@@ -275,6 +284,14 @@ def _quantize_lazily(src: Path, dst: Path, opts: Int4Options, int4_nodes: list[s
             load_external_data_for_tensor(tensor, base_dir)
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
+    left = [t.name for t in model.graph.initializer if to_fp32 and t.data_type == onnx.TensorProto.FLOAT16]
+    if left:
+        raise ValueError(f"{src.name}: {len(left)} fp16 product weight(s) were not quantized ({', '.join(left[:3])}); "
+                         "a native graph built from fp16 weights needs every product at INT4 or INT8")
+    for i, p in enumerate(model.metadata_props):
+        if p.key == FP16_PRODUCTS:
+            del model.metadata_props[i]  # quantized: the graph runs now
+            break
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
 
