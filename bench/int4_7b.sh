@@ -6,12 +6,13 @@
 # with RTN and no calibration run (the calibration set, AWQ's search and the fallback's gate would each need the
 # FP16 decoder in an ONNX Runtime session, ~2.3x its 13.5 GB). The vision part ships FP16 (INT8 needs the
 # calibration run too), hence the profile below: cpu-int4 with vision/embed FP16, block 128, no fallback.
-# choose_export_dtype allows the fp16 export for FP16 + uncalibrated-INT4 profiles, and the RTN INT4 decoder is
-# quantized reading one fp16 weight at a time (precision/int4.py: lower_uncalibrated, quantize_int4(lazy=True)).
+# choose_export_dtype allows the fp16 export for FP16 + uncalibrated-INT4 profiles. The decoder is written in the
+# ORT-native form straight from the fp16 weights (no portable trace), and its products are quantized to RTN INT4
+# reading one fp16 weight at a time (precision/int4.py: lower_uncalibrated, quantize_int4(lazy=True)).
 # Run one heavy step at a time: the build peaks near 16 GB.
 set -euo pipefail
 W="${W:-/tmp/int4_7b}"
-OUT="${OUT:-bench/results/2026-12-02-epyc-2core}"
+OUT="${OUT:-bench/results/2026-12-02-xeon-2core}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$W" "$OUT"
 [ -d "$W/base" ] || /usr/bin/time -v vlexport fixture llava "$W/base" --preset 7b-shaped 2> "$W/fixture.time"
@@ -37,4 +38,4 @@ python -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.astr
 # vlexport bench would also time PyTorch eager FP32 (28 GB): decode and its floor only.
 python "$HERE/int4_7b_decode.py" "$W/b7" --contexts 64,300 --threads 2 --repeats 10 > "$OUT/int4-7b-decode.json"
 # Where the run's memory goes (vision / embed / decoder sessions, then the generate), one process per variant.
-python "$HERE/int4_7b_memory.py" "$W/b7" "$W/astronaut.png" --variants default,no-arena --threads 2 > "$W/memory.jsonl"
+python "$HERE/int4_7b_memory.py" "$W/b7" "$W/astronaut.png" --variants default,release-vision,as-run --threads 2 > "$W/memory.jsonl"

@@ -9,6 +9,8 @@ Variants set ONNX Runtime session options on the bundle's runners before their s
   no-arena     enable_cpu_mem_arena = False (no growing CPU arena for activations)
   no-arena-init  also session.use_device_allocator_for_initializers = 1 (initializers outside any arena)
   release-vision  the vision session is closed as soon as it has encoded the image (before the prefill)
+  as-run       what `vlexport run` does: sessions open on first use, and generate(release_vision=True) closes the
+               vision session before the decoder's opens
 Prints one JSON object per variant.
 """
 
@@ -38,6 +40,11 @@ def probe(bundle_path: str, image: str, variant: str, threads: int, tokens: int)
 
     bundle = Bundle(bundle_path, threads=threads)
     marks = {"bundle": _status()}
+    if variant == "as-run":
+        t = time.perf_counter()
+        gen = bundle.generate(image, "What is in the image?", max_new_tokens=tokens, release_vision=True)
+        marks["generate"] = {**_status(), "seconds": round(time.perf_counter() - t, 1), "tokens": len(gen.token_ids)}
+        return {"variant": variant, "marks": marks}
     for name, runner in bundle.runners.items():
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -46,7 +53,7 @@ def probe(bundle_path: str, image: str, variant: str, threads: int, tokens: int)
             opts.enable_cpu_mem_arena = False
         if variant == "no-arena-init":
             opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-        if variant not in ("default", "no-arena", "no-arena-init", "release-vision"):
+        if variant not in ("default", "no-arena", "no-arena-init", "release-vision"):  # as-run: above
             raise SystemExit(f"unknown variant {variant}")
         t = time.perf_counter()
         runner.__dict__["session"] = ort.InferenceSession(str(runner.onnx_path), sess_options=opts,

@@ -68,6 +68,30 @@ def test_python_api_chat_prompt(full_bundle, photos, tiny_base):
     assert a.token_ids == b.token_ids and len(a.token_ids) == 8
 
 
+def test_release_vision_closes_the_vision_session_before_the_decoder_opens(full_bundle, photos):
+    """generate(release_vision=True), as `vlexport run` calls it: the vision session is closed once the image is
+    encoded and before the decoder's session opens (so that a 7B's decoder reuses its memory); the tokens are the
+    same, and the next image opens it again."""
+    import vlexport
+
+    kept = vlexport.load(full_bundle).generate(photos["chelsea"], prompt="Where is the cat?", max_new_tokens=6)
+    bundle = vlexport.load(full_bundle)
+    vision, decoder = bundle.runners["vision"], bundle.runners["decoder"]
+    opened = []
+    infer = vision.infer
+
+    def record(feed):  # the decoder is not open yet when the image is encoded
+        opened.append("session" in decoder.__dict__)
+        return infer(feed)
+
+    vision.infer = record
+    first = bundle.generate(photos["chelsea"], prompt="Where is the cat?", max_new_tokens=6, release_vision=True)
+    assert first.token_ids == kept.token_ids
+    assert opened == [False] and "session" not in vision.__dict__ and "session" in decoder.__dict__
+    again = bundle.generate(photos["chelsea"], prompt="Where is the cat?", max_new_tokens=6)
+    assert again.token_ids == kept.token_ids and "session" in vision.__dict__
+
+
 def test_sampling_is_seeded(full_bundle, photos):
     import vlexport
 

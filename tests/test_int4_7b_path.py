@@ -249,3 +249,30 @@ def test_native_decoder_from_fp16_weights_quantizes_as_the_fp32_native_graph(tin
             feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
     logits = session.run(["logits"], feed)[0]
     assert logits.shape == (1, 1, model.lm_head.out_features) and np.isfinite(logits).all()
+
+
+def test_fp16_embedding_table_stays_fp16_in_onnx_runtime(tiny_fp16_base, tmp_path):
+    """An fp16 embed part is looked up in fp16 and cast after: ONNX Runtime, fully optimized, keeps the table in fp16.
+    (Computing on in fp16 made its CPU provider cast the whole table to fp32 at load: 2x the table resident, 525 MB
+    on a 7B.) Its output equals the fp16 lookup, exactly."""
+    import onnxruntime as ort
+    import torch
+
+    from vlexport.export.onnx import export_part, part_specs
+    from vlexport.model import check_base_dir, facts_from_config, load_llava
+
+    model = load_llava(tiny_fp16_base, dtype="float16")
+    spec = next(s for s in part_specs(model, facts_from_config(check_base_dir(tiny_fp16_base))) if s.name == "embed")
+    path = export_part(spec, tmp_path / "embed" / "embed.onnx")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    table = [i for i in optimized.graph.initializer if list(i.dims) == list(model.model.language_model.embed_tokens.weight.shape)]
+    assert [t.data_type for t in table] == [onnx.TensorProto.FLOAT16]
+    ids = np.array([[1, 5, 9, 3]], np.int64)
+    got = session.run(["inputs_embeds"], {"input_ids": ids, "image_features": np.zeros((0, model.config.text_config.hidden_size), np.float32)})[0]
+    with torch.no_grad():
+        want = model.model.language_model.embed_tokens(torch.from_numpy(ids)).float().numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, want)

@@ -111,6 +111,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float | None:
+    """The process's RSS now (Linux), after freed heap memory is handed back to the system (glibc keeps freed
+    blocks for reuse, and a 7B's export leaves gigabytes of them that the next stage's peak would stack on)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((l for l in status.splitlines() if l.startswith("VmRSS:")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
 def host_memory_bytes() -> int:
     import os
 
@@ -231,10 +251,12 @@ class BuildState:
 
 @contextlib.contextmanager
 def stage(state: BuildState, name: str):
-    """Time a stage; its seconds and the process's peak RSS so far go into the manifest's build.stages."""
+    """Time a stage; its seconds, the process's peak RSS so far and its RSS after it go into the manifest's
+    build.stages."""
     t = time.perf_counter()
     yield
-    state.stages[name] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb()}
+    gc.collect()
+    state.stages[name] = {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(), "rss_mb": _rss_mb()}
 
 
 def plan_build(base, adapters, out, target, force, adapter_kind, verify, precision, int8, calib, verify_layers,
@@ -467,15 +489,26 @@ def _add_slot_defaults(state: BuildState, part: str, path: Path) -> None:
 
 def export_parts(state: BuildState) -> None:
     exported = state.exported_precision
-    for spec in part_specs(state.model, state.facts, frozenset(state.slots), state.lora_slots):
+    specs = part_specs(state.model, state.facts, frozenset(state.slots), state.lora_slots)
+    order = [spec.name for spec in specs]
+    native_from_fp16 = _native_from_fp16(state)
+    if native_from_fp16:
+        # The decoder first: once written, its layers are dropped (_native_decoder), and vision and embed are
+        # exported beside a model that no longer holds them (13 GB less on a 7B).
+        specs = sorted(specs, key=lambda spec: spec.name != "decoder")
+    for spec in specs:
         with stage(state, f"export_{spec.name}"):
             t = time.perf_counter()
             path = state.tmp / f"{spec.name}.onnx"
-            if spec.name == "decoder" and _native_from_fp16(state):
-                # export_native_forms builds it straight from the fp16 weights; tracing the whole decoder for a
-                # portable graph that would not ship would be the build's memory peak (16.4 GB on a 7B).
-                state.parts["decoder"] = {"file": path.name, "precision": exported}
+            if spec.name == "decoder" and native_from_fp16:
+                # Straight from the fp16 weights in the ORT-native form: tracing the whole decoder for a portable
+                # graph that would not ship was the build's memory peak (16.4 GB on a 7B).
                 state.log("decoder: no portable export (the ORT-native form is built from the fp16 weights)")
+                check = _native_decoder(state, state.model, spec.module, path, "decoder")
+                state.parts["decoder"] = {"file": path.name, "precision": exported, **onnx_io(path),
+                                          "form": ort_native.FORM, "export_check": {**check, "portable": None}}
+                state.log(f"decoder: ORT-native form, ONNX Runtime vs torch max rel. error "
+                          f"{check['max_rel_error']:.2e} on its first {check['first_layers']} layers")
                 continue
             # A decoder too large to hold twice is checked on its first layers (their K/V outputs).
             first = 2 if state.low_memory and spec.name == "decoder" else None
@@ -485,6 +518,7 @@ def export_parts(state: BuildState) -> None:
             state.parts[spec.name] = {"file": path.name, "precision": exported, **onnx_io(path), "export_check": check}
         state.log(f"exported {spec.name} ({time.perf_counter() - t:.1f}s), ONNX Runtime vs torch max rel. error "
                   f"{check['max_rel_error']:.2e}")
+    state.parts = {name: state.parts[name] for name in order if name in state.parts}
 
 
 def _native_decoder(state: BuildState, model, module, path: Path, label: str) -> dict | None:
@@ -507,7 +541,12 @@ def _native_decoder(state: BuildState, model, module, path: Path, label: str) ->
         ort_native.write_native_decoder(model, path, slots, lora=lora, fp16_products=fp16_products)
         _add_slot_defaults(state, "decoder", path)
         advance(1, "check: ONNX Runtime vs torch")
-        if fp16_products:  # not runnable before its INT4 lowering: its first layers are checked, built in fp32
+        if fp16_products:  # not runnable before its INT4 lowering: its first layers are checked on their own
+            # Nothing else needs the decoder's layers (vision and embed use none, verify loads its own reference,
+            # and the model is dropped after the exports): all but the checked ones go now, 12 GB on a 7B.
+            layers = model.model.language_model.layers
+            del layers[ort_native.CHECK_LAYERS:]
+            gc.collect()
             check = ort_native.check_native_first_layers(model, module, path.parent, state.export_rel_tol, slots,
                                                          label, lora=lora)
         else:
@@ -533,9 +572,9 @@ def export_native_forms(state: BuildState) -> None:
     """The decoder's ORT-native form replaces the portable graph in ONNX Runtime bundles; the manifest records each
     part's form (parts.NAME.form). Then the merged model is released."""
     for name, entry in state.parts.items():
-        entry["form"] = "portable"
+        entry.setdefault("form", "portable")
     decoder = state.parts.get("decoder")
-    if decoder is not None and state.model is not None:
+    if decoder is not None and state.model is not None and decoder["form"] != ort_native.FORM:
         with stage(state, "export_native_decoder"):
             from .export.parts import DecoderPart
 
@@ -544,7 +583,7 @@ def export_native_forms(state: BuildState) -> None:
             check = _native_decoder(state, state.model, module, path, "decoder")
             if check is not None:
                 decoder.update(form=ort_native.FORM, **onnx_io(path),
-                               export_check={**check, "portable": decoder.get("export_check")})
+                               export_check={**check, "portable": decoder["export_check"]})
                 state.log(f"decoder: ORT-native form, ONNX Runtime vs torch max rel. error {check['max_rel_error']:.2e}")
     state.model = None
     gc.collect()  # a 7B's weights must be gone before verify loads its reference

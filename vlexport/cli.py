@@ -337,6 +337,7 @@ def run(
     result = Bundle(bundle, threads=_default_threads(threads), backend=Backend(backend).value).generate(
         image, prompt=prompt, raw_prompt=raw_prompt, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, task=task,
+        release_vision=True,  # one image: the decoder opens in the vision session's memory
     )
     if as_json:
         _print_json(result.to_dict())

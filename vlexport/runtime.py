@@ -372,6 +372,14 @@ class Bundle:
             return preprocess_anyres(image, self.anyres[1])[0]
         return preprocess_image(image, self.image_spec)[None]
 
+    def release(self, part: str) -> None:
+        """Close every session of `part` (the base's and each task's copy) where the backend can; each opens again
+        on its next use."""
+        for runners in (self.runners, *self._task_runners.values()):
+            runner = runners.get(part)
+            if runner is not None and hasattr(runner, "release"):
+                runner.release()
+
     def runner(self, part: str, task: str | None):
         task = self.resolve_task(task)
         return self._task_runners.get(task, {}).get(part) or self.runners[part]
@@ -572,7 +580,11 @@ class Bundle:
         top_p: float = 1.0,
         seed: int = 0,
         task: str | None = None,
+        release_vision: bool = False,
     ) -> Generation:
+        """release_vision: close the vision session once the image is encoded, before the decoder's opens (sessions
+        open on first use), so that the decoder reuses its memory: for one-shot callers such as `vlexport run`
+        (a 7B at INT4 peaks about 1.4 GB lower). The next image opens it again."""
         check_sampling(max_new_tokens, temperature, top_p)
         t0 = time.perf_counter()
         if self.anyres is not None:  # the prompt's image tokens depend on the image's size: read it first
@@ -582,6 +594,8 @@ class Bundle:
         pixels = self.pixel_values(image)
         t1 = time.perf_counter()
         features = self.image_features(pixels, task, size)
+        if release_vision:
+            self.release("vision")
         self.check_image_tokens(ids, features.shape[0])
         t2 = time.perf_counter()
         rng = np.random.default_rng(seed)

@@ -35,3 +35,7 @@ class OrtRunner:
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def release(self) -> None:
+        """Close the session and give its memory back; it opens again on the next use."""
+        self.__dict__.pop("session", None)

@@ -362,7 +362,8 @@ def write_native_decoder(model, path: Path, slots: bool = False, lora: dict | No
     built = build_native_decoder(model, slots, lora, num_layers=num_layers, fp16_products=fp16_products)
     remove_part(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(built, str(path), external_data=path.name + ".data")
+    # A 7B's products are transposed as they are written: keep few of them in flight at once.
+    ir.save(built, str(path), external_data=path.name + ".data", max_in_flight_bytes=256 << 20)
     return path
 
 
@@ -493,11 +494,14 @@ def check_native_decoder(module, onnx_path: Path, rel_tol: float, slots: bool = 
             "max_rel_error": max(worst.values()) if worst else 0.0}
 
 
+CHECK_LAYERS = 2  # check_native_first_layers' default: the second layer's input norm joins the two
+
+
 def check_native_first_layers(model, module, scratch: Path, rel_tol: float, slots: bool = False,
-                              label: str = "decoder", lora: dict | None = None, layers: int = 2) -> dict:
+                              label: str = "decoder", lora: dict | None = None, layers: int = CHECK_LAYERS) -> dict:
     """The export check of a native decoder built with fp16_products, which does not run before its INT4 lowering:
-    the same builder writes the first `layers` layers with fp32 weights (their final norm and lm_head included) to
-    scratch, and that graph is checked against the torch module's first layers (DecoderPart.first_layers)."""
+    the same builder writes the first `layers` layers in fp32 (their final norm and lm_head included) to scratch, and
+    that graph is checked against the torch module's first layers (DecoderPart.first_layers)."""
     from ..files import remove_part
 
     path = scratch / "decoder.first_layers.onnx"

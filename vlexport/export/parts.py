@@ -194,14 +194,17 @@ class EmbedPart(nn.Module):
     def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         is_image = input_ids == self.image_token_id
         # The image token id may lie outside the text vocabulary in some checkpoints; never look it up.
-        embeds = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+        # An fp16 table is cast right after the lookup: any fp16 op after it that ONNX Runtime's CPU provider lacks
+        # would make it cast the whole table to fp32 at load (2x its bytes resident), and the image features stay
+        # fp32 as they come.
+        embeds = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids)).float()
         flat = is_image.reshape(-1)
         n_features = image_features.shape[0]
         order = torch.cumsum(flat.to(torch.int64), dim=0) - 1
         index = torch.where(flat, order, torch.full_like(order, n_features)).clamp(max=n_features)
-        padded = torch.cat([image_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
+        padded = torch.cat([image_features.float(), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
         gathered = padded[index].reshape(embeds.shape)
-        return torch.where(is_image.unsqueeze(-1), gathered, embeds).float()
+        return torch.where(is_image.unsqueeze(-1), gathered, embeds)
 
 
 class DecoderPart(nn.Module):
