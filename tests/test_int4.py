@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from vlexport.cli import app
 from vlexport.errors import VlexportError
+from vlexport.precision.packing import products_of
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_outlier_fixture_at_cpu_int4_passes_the_int4_gates(outlier_base, tmp_pat
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             assert attrs["accuracy_level"] == 4 and attrs["block_size"] in (32,)
-            bits[node.name] = attrs["bits"]
+            bits.update({name: attrs["bits"] for name, _ in products_of(node)})  # q/k/v, gate/up packed
     kept = {k["node"] for k in low["kept"]}
     assert sum(b == 4 for b in bits.values()) == low["products_quantized"] > 0
     assert any("lm_head" in n and b == 8 for n, b in bits.items()) or any("lm_head" in n for n in kept)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from vlexport import build as build_module
 from vlexport.cli import app
 from vlexport.plan import parameter_counts
+from vlexport.precision.packing import products_of
 
 UNCALIBRATED = "algo=rtn,fallback=false,awq=false"
 
@@ -66,15 +67,23 @@ def small_machine(tiny_fp16_base, monkeypatch):
 
 
 def _nbits_weights(path) -> dict:
-    """MatMulNBits node -> (bits, packed weight bytes, scale bytes)."""
+    """MatMulNBits product -> (bits, its weight bytes, its scale bytes); a packed node's rows are split back out."""
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     out = {}
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             bits = next(a.i for a in node.attribute if a.name == "bits")
-            out[node.name] = (bits, inits[node.input[1]].tobytes(), inits[node.input[2]].tobytes())
+            start = 0
+            for name, n in products_of(node):
+                rows = slice(start, start + n)
+                out[name] = (bits, inits[node.input[1]][rows].tobytes(), inits[node.input[2]][rows].tobytes())
+                start += n
     return out
+
+
+def _products(graph) -> int:
+    return sum(len(products_of(n)) for n in graph.node if n.op_type == "MatMulNBits")
 
 
 @pytest.mark.slow
@@ -133,7 +142,7 @@ def test_lazy_quantization_equals_the_eager_quantizer_from_fp16_weights(tiny_fp1
     monkeypatch.chdir(tmp_path / "elsewhere")
     quantize_int4(src, tmp_path / "lazy" / "d.onnx", "matmulnbits", opts, int4, int8, 32, lazy=True)
     eager, lazy = (onnx.load(str(tmp_path / d / "d.onnx")) for d in ("eager", "lazy"))
-    assert [n.op_type for n in lazy.graph.node].count("MatMulNBits") == len(matmuls)
+    assert _products(lazy.graph) == len(matmuls)
     assert [(n.name, n.op_type, list(n.input)) for n in lazy.graph.node] == \
            [(n.name, n.op_type, list(n.input)) for n in eager.graph.node]
     ours = {i.name: numpy_helper.to_array(i) for i in lazy.graph.initializer}
@@ -170,7 +179,7 @@ def test_low_memory_int4_build_exports_fp16_and_passes_int4_verify(tiny_fp16_bas
     decoder = onnx.load(str(out / manifest["parts"]["decoder"]["file"]), load_external_data=False)
     ops = [n.op_type for n in decoder.graph.node]
     inits = {i.name for i in decoder.graph.initializer}
-    assert ops.count("MatMulNBits") == lowering["products_total"]
+    assert _products(decoder.graph) == lowering["products_total"]
     assert not [n.name for n in decoder.graph.node if n.op_type == "MatMul" and n.input[1] in inits]  # none left
     # The ORT-native form (shared KV buffer), built from the fp16 weights and checked on its first layers in fp32.
     entry = manifest["parts"]["decoder"]

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from vlexport.cli import app
 from vlexport.errors import VlexportError
+from vlexport.precision.packing import products_of
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +307,9 @@ def test_weight_only_decoder(tiny_base, tmp_path, cache):
     m = manifest(out)
     assert m["parts"]["decoder"]["lowering"]["form"] == "weight-only"
     graph = onnx.load(str(out / m["parts"]["decoder"]["file"]), load_external_data=False)
-    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 15
+    # 15 products; q/k/v and gate/up of each layer share one node (precision/packing.py)
+    assert sum(len(products_of(n)) for n in graph.graph.node if n.op_type == "MatMulNBits") == 15
+    assert len(m["parts"]["decoder"]["lowering"]["packed"]) == 2 * 2
 
 
 def test_tensorrt_int8_target_writes_qdq_parts_and_int8_engine_commands(tiny_base, tmp_path, cache):

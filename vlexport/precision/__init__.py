@@ -22,6 +22,7 @@ from ..errors import VlexportError
 from ..files import remove_part
 from ..progress import track
 from .int4 import INT4_DEFAULTS, Int4Options, int4_options  # noqa: F401 (re-exported for target.py and build.py)
+from .packing import packed_products
 from .int8 import CALIBRATIONS
 
 DECODER_KINDS = ("w8a8", "weight-only")
@@ -240,6 +241,7 @@ def _lower_int8(name: str, src: Path, tmp: Path, form: str, opts: Int8Options, t
                        "why": "among the largest quantization errors; kept until the calibration gate held"} for n in kept],
         "worst_quantized": [{"module": module[n], "emulated_rel_error": errors[n]} for n in ranked[len(kept):len(kept) + 3]],
         "fallback": {"enabled": opts.fallback, "tries": tries},
+        "packed": packed_products(dst),  # products on one input sharing one MatMulNBits (precision/packing.py)
         "calibration_gate": {"passed": last["passed"], "checks": last["checks"]},
         "seconds": time.perf_counter() - t,
     }
@@ -339,6 +341,7 @@ def _lower_int4(name: str, src: Path, tmp: Path, backend: str, opts: Int4Options
         "kept_fp32": [{"node": n, "module": module[n], "emulated_rel_error": errors[n]} for n in kept] if keep == "fp32" else [],
         "worst_quantized": [{"module": module[n], "emulated_rel_error": errors[n]} for n in ranked[len(kept):len(kept) + 3]],
         "fallback": {"enabled": opts.fallback, "tries": tries},
+        "packed": packed_products(dst),  # products on one input sharing one MatMulNBits (precision/packing.py)
         "calibration_gate": {"passed": last["passed"], "checks": last["checks"]},
         "seconds": time.perf_counter() - t,
     }

@@ -126,6 +126,10 @@ def quantize_int4(src: Path, dst: Path, form: str, opts: Int4Options, int4_nodes
     finally:
         root.setLevel(level)
         nbits.setLevel(nbits_level)
+    if form == "matmulnbits":
+        from .packing import pack_shared_input_products
+
+        pack_shared_input_products(dst)  # q/k/v and gate/up as one node each, bit for bit the same outputs
     for path in (dst, dst.with_name(dst.name + ".data")):
         if path.exists():
             os.chmod(path, 0o644)
@@ -187,6 +191,7 @@ def lower_uncalibrated(name: str, src: Path, tmp: Path, opts: Int4Options) -> tu
     import onnx
 
     from .int8 import weight_matmuls
+    from .packing import packed_products
 
     t = time.perf_counter()
     matmuls = weight_matmuls(onnx.load(str(src), load_external_data=False))
@@ -201,6 +206,7 @@ def lower_uncalibrated(name: str, src: Path, tmp: Path, opts: Int4Options) -> tu
         "calibration_cases": 0, "products_quantized": len(int4), "products_total": len(matmuls),
         "not_blockable": [], "kept": [], "kept_fp32": [], "worst_quantized": [],
         "fallback": {"enabled": False, "tries": []},
+        "packed": packed_products(dst),
         "calibration_gate": None,  # not measured: uncalibrated RTN has no calibration set (verify is the gate)
         "seconds": time.perf_counter() - t,
     }

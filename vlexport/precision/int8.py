@@ -119,6 +119,9 @@ def _quantize(src: Path, dst: Path, form: str, nodes: list[str], reader, calibra
                                  op_types_to_quantize=("MatMul",))
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=True)
+        from .packing import pack_shared_input_products
+
+        pack_shared_input_products(dst)
     else:
         raise ValueError(form)
 
